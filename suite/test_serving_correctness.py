@@ -1,0 +1,48 @@
+"""Every variant this host can serve answers like in-process ONNX Runtime, over gRPC and over HTTP."""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.client import TritonInferClient
+from fixtures.correctness import assert_close, serving_tolerance
+from fixtures.model import ModelDescription
+from fixtures.plugin import ServedVariant
+from fixtures.reference import ReferenceSessions
+from fixtures.workload import build_inputs
+
+pytestmark = pytest.mark.correctness
+
+SEQUENCE_LENGTH = 16
+
+
+def batch_sizes(served: ServedVariant) -> list[int]:
+    """One request of one image, and one batch as large as the config allows (up to 4)."""
+    largest = min(4, served.variant.config.max_batch_size)
+    return sorted({1, max(largest, 1)})
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_triton_matches_onnxruntime(
+    served_variant: ServedVariant,
+    reference_sessions: ReferenceSessions,
+    model_description: ModelDescription,
+    run_record,
+    protocol: str,
+) -> None:
+    endpoints = served_variant.server.endpoints
+    url = endpoints.grpc_url if protocol == "grpc" else endpoints.http_url
+    tolerance = serving_tolerance(
+        on_gpu=served_variant.variant.requirements.gpu_count > 0, fp16=served_variant.variant.runs_in_fp16
+    )
+    session = reference_sessions.for_variant(served_variant.variant)
+    with TritonInferClient(url, protocol) as client:
+        for batch_size in batch_sizes(served_variant):
+            inputs = build_inputs(model_description, batch_size, SEQUENCE_LENGTH, seed=batch_size)
+            served = client.infer(served_variant.name, inputs)
+            (expected,) = session.run(["logits"], inputs.as_dict())
+            comparison = assert_close("logits", served, expected, tolerance)
+            run_record.correctness.append(
+                f"triton {served_variant.name} vs onnxruntime, {protocol}, batch {batch_size}: max abs error "
+                f"{comparison.max_abs_error:.2e}"
+            )

@@ -1,0 +1,100 @@
+"""Model sources and the cached ONNX export: cache hits, external data, checkpoints, user errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+
+from fixtures.export import ExportError, export_model
+from fixtures.model import LoadedModel, ModelSourceError, ModelSpec, describe_model, load_model
+from fixtures.workload import build_inputs
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    return load_model(ModelSpec("tiny"))
+
+
+def run_onnx(path: Path, loaded: LoadedModel) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], build_inputs(loaded.description, 2, 5).as_dict())[0]
+
+
+def test_second_export_is_a_cache_hit(tiny: LoadedModel, tmp_path: Path) -> None:
+    first = export_model(tiny, tmp_path)
+    mtime = first.onnx_path.stat().st_mtime_ns
+    second = export_model(tiny, tmp_path)
+
+    assert not first.from_cache
+    assert second.from_cache
+    assert second.directory == first.directory
+    assert second.onnx_path.stat().st_mtime_ns == mtime  # the artifact was not written again
+    assert second.export_s == first.export_s  # the recorded export time is read back, not re-measured
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == [first.directory.name]  # no temp dirs left
+
+
+def test_cache_key_changes_with_opset_and_weights(tiny: LoadedModel, tmp_path: Path) -> None:
+    opset17 = export_model(tiny, tmp_path, opset=17)
+    opset18 = export_model(tiny, tmp_path, opset=18)
+    assert opset17.cache_key != opset18.cache_key
+
+
+def test_export_has_dynamic_batch_and_sequence(tiny: LoadedModel, tmp_path: Path) -> None:
+    exported = export_model(tiny, tmp_path)
+    session = onnxruntime.InferenceSession(str(exported.onnx_path), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    assert inputs["pixel_values"].shape == ["batch", 3, 384, 384]
+    assert inputs["input_ids"].shape == ["batch", "sequence"]
+    assert inputs["attention_mask"].type == "tensor(int64)"
+    (output,) = session.get_outputs()
+    assert (output.name, output.shape) == ("logits", ["batch", "sequence", 30524])
+    assert run_onnx(exported.onnx_path, tiny).shape == (2, 5, 30524)
+
+
+def test_large_models_use_external_data(tiny: LoadedModel, tmp_path: Path) -> None:
+    inline = export_model(tiny, tmp_path / "inline")
+    external = export_model(tiny, tmp_path / "external", external_data_threshold_bytes=0)
+
+    assert [p.name for p in external.artifact_files] == ["model.onnx", "model.onnx.data"]
+    # The graph file keeps only tensors under 1 KB inline; the weights live in the data file.
+    assert external.onnx_path.stat().st_size * 10 < inline.onnx_path.stat().st_size
+    np.testing.assert_array_equal(run_onnx(external.onnx_path, tiny), run_onnx(inline.onnx_path, tiny))
+
+
+def test_a_save_pretrained_directory_goes_through_the_same_path(tiny: LoadedModel, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "my-blip"
+    tiny.model.save_pretrained(checkpoint)
+    tiny.description.image_processor.save_pretrained(checkpoint)
+
+    loaded = load_model(ModelSpec(str(checkpoint)))
+
+    assert not loaded.description.spec.is_synthetic
+    assert loaded.weights_sha256 == tiny.weights_sha256
+    assert loaded.description.special_tokens == tiny.description.special_tokens
+    exported = export_model(loaded, tmp_path / "cache")
+    assert exported.directory.name.startswith(f"{tmp_path.name}-my-blip-")
+    np.testing.assert_allclose(
+        run_onnx(exported.onnx_path, loaded), run_onnx(export_model(tiny, tmp_path / "c2").onnx_path, tiny)
+    )
+
+
+def test_unknown_model_source_is_explained() -> None:
+    with pytest.raises(ModelSourceError, match="not 'tiny' or 'base', and not a loadable BLIP checkpoint"):
+        describe_model(ModelSpec("/no/such/checkpoint"))
+
+
+def test_old_opset_is_refused(tiny: LoadedModel, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="opset 13 is too old"):
+        export_model(tiny, tmp_path, opset=13)
+
+
+def test_corrupt_cache_metadata_is_reported_with_its_path(tiny: LoadedModel, tmp_path: Path) -> None:
+    exported = export_model(tiny, tmp_path)
+    (exported.directory / "export.json").write_text("{not json")
+    with pytest.raises(
+        ExportError, match=r"export\.json is unreadable .*delete .* and the next run exports again"
+    ):
+        export_model(tiny, tmp_path)

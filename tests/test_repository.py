@@ -1,0 +1,182 @@
+"""Config parsing, requirement derivation, variant selection and staging of model repositories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fixtures.repository import (
+    ConfigError,
+    discover_variants,
+    load_variant,
+    select_variants,
+    stage_repository,
+    unmet_requirements,
+)
+
+SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+
+MINIMAL = """
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 4
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+{extra}
+"""
+
+
+def write_variant(repository: Path, name: str, extra: str = "", text: str | None = None) -> Path:
+    folder = repository / name
+    folder.mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(text if text is not None else MINIMAL.format(name=name, extra=extra))
+    return folder
+
+
+def test_seed_repository_has_the_four_variants_with_needs_from_their_configs() -> None:
+    variants = {v.name: v for v in discover_variants(SEED_REPOSITORY)}
+    assert sorted(variants) == ["base_model_cpu", "base_model_gpu", "base_model_multi_gpu", "trt_model"]
+    assert variants["base_model_cpu"].requirements.gpu_count == 0
+    assert variants["base_model_gpu"].requirements.gpu_count == 1
+    assert variants["base_model_multi_gpu"].requirements.gpu_count == 2
+    assert variants["trt_model"].requirements.needs_tensorrt
+    assert variants["trt_model"].runs_in_fp16
+    assert variants["base_model_cpu"].marks == ()
+    assert variants["base_model_multi_gpu"].marks == ("gpu", "multi_gpu")
+    assert variants["trt_model"].marks == ("gpu", "trt")
+
+
+def test_requirements_come_from_the_config_not_the_name(tmp_path: Path) -> None:
+    gpu = write_variant(
+        tmp_path, "innocent_cpu_name", extra="instance_group [ { kind: KIND_GPU gpus: [ 2 ] } ]"
+    )
+    variant = load_variant(gpu)
+    assert variant.requirements.gpu_count == 3  # GPU id 2 exists only on a host with three GPUs
+    reasons = unmet_requirements(
+        variant.requirements, gpu_count=1, server_providers=("CPUExecutionProvider",)
+    )
+    assert reasons == ["needs 3 GPUs (instance_group[0] kind KIND_GPU on gpus [2]), this host has 1"]
+
+
+def test_kind_auto_and_cpu_need_no_gpu(tmp_path: Path) -> None:
+    folder = write_variant(
+        tmp_path, "auto", extra="instance_group [ { kind: KIND_AUTO }, { kind: KIND_CPU } ]"
+    )
+    assert load_variant(folder).requirements.gpu_count == 0
+
+
+def test_openvino_accelerator_needs_its_provider(tmp_path: Path) -> None:
+    extra = 'optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "openvino" } ] } }'
+    variant = load_variant(write_variant(tmp_path, "ov", extra=extra))
+    reasons = unmet_requirements(
+        variant.requirements, gpu_count=0, server_providers=("CPUExecutionProvider",)
+    )
+    assert len(reasons) == 1
+    assert "OpenVINOExecutionProvider" in reasons[0]
+    assert "cpu_execution_accelerator 'openvino'" in reasons[0]
+    assert unmet_requirements(variant.requirements, gpu_count=0, server_providers=None) == []
+
+
+def test_unknown_accelerator_is_a_config_error(tmp_path: Path) -> None:
+    extra = (
+        'optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "warp_drive" } ] } }'
+    )
+    folder = write_variant(tmp_path, "odd", extra=extra)
+    with pytest.raises(
+        ConfigError, match=r"config\.pbtxt: .*gpu_execution_accelerator\[0\] names 'warp_drive'"
+    ):
+        load_variant(folder)
+
+
+def test_malformed_config_names_file_line_and_reason(tmp_path: Path) -> None:
+    text = 'name: "broken"\nplatform: "onnxruntime_onnx"\nmax_batch_sizes: 8\n'
+    folder = write_variant(tmp_path, "broken", text=text)
+    with pytest.raises(ConfigError) as error:
+        discover_variants(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{folder / 'config.pbtxt'}:3:")
+    assert 'no field named "max_batch_sizes"' in message
+
+
+def test_bad_enum_value_is_reported_with_its_line(tmp_path: Path) -> None:
+    folder = write_variant(tmp_path, "enum", extra="instance_group [ { kind: KIND_TPU } ]")
+    with pytest.raises(ConfigError, match=r"config\.pbtxt:7:\d+: .*KIND_TPU"):
+        load_variant(folder)
+
+
+def test_name_must_match_folder(tmp_path: Path) -> None:
+    folder = write_variant(tmp_path, "folder_name", text=MINIMAL.format(name="other_name", extra=""))
+    with pytest.raises(ConfigError, match="field 'name' is 'other_name' but the folder is 'folder_name'"):
+        load_variant(folder)
+
+
+def test_missing_or_empty_repository_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        discover_variants(tmp_path / "nowhere")
+    (tmp_path / "just_a_folder").mkdir()
+    with pytest.raises(ConfigError, match="holds no variant"):
+        discover_variants(tmp_path)
+
+
+def test_unknown_variant_lists_the_known_ones() -> None:
+    variants = discover_variants(SEED_REPOSITORY)
+    with pytest.raises(ConfigError) as error:
+        select_variants(variants, ["base_model_cpu", "no_such_variant"])
+    assert "unknown --variant no_such_variant" in str(error.value)
+    assert "base_model_cpu, base_model_gpu, base_model_multi_gpu, trt_model" in str(error.value)
+    assert [v.name for v in select_variants(variants, ["trt_model", "base_model_cpu"])] == [
+        "trt_model",
+        "base_model_cpu",
+    ]
+
+
+def test_staging_links_the_export_and_never_writes_into_the_source(tmp_path: Path) -> None:
+    artifacts = tmp_path / "export"
+    artifacts.mkdir()
+    (artifacts / "model.onnx").write_bytes(b"graph")
+    (artifacts / "model.onnx.data").write_bytes(b"weights")
+    source = tmp_path / "repo"
+    write_variant(source, "plain")
+    write_variant(source, "renamed", extra='default_model_filename: "blip.onnx"')
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+
+    staged = stage_repository(
+        discover_variants(source),
+        lambda _v: [artifacts / "model.onnx", artifacts / "model.onnx.data"],
+        tmp_path / "staged",
+    )
+
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
+    plain = staged.root / "plain"
+    assert (plain / "config.pbtxt").read_bytes() == (source / "plain" / "config.pbtxt").read_bytes()
+    assert (plain / "1" / "model.onnx").read_bytes() == b"graph"
+    assert os.path.samefile(plain / "1" / "model.onnx", artifacts / "model.onnx")  # a hard link, not a copy
+    assert (staged.root / "renamed" / "1" / "blip.onnx").read_bytes() == b"graph"
+    assert (staged.root / "renamed" / "1" / "model.onnx.data").read_bytes() == b"weights"
+    assert staged.notes == ()
+
+
+def test_variant_with_its_own_model_file_is_served_with_it_and_says_so(tmp_path: Path) -> None:
+    source = tmp_path / "repo"
+    folder = write_variant(source, "bring_your_own")
+    (folder / "1").mkdir()
+    (folder / "1" / "model.onnx").write_bytes(b"their graph")
+    seed_style = write_variant(source, "placeholder")
+    (seed_style / "1").mkdir()
+    (seed_style / "1" / "dummy").write_bytes(b"")  # the seed's placeholder is not a model file
+
+    staged = stage_repository(
+        discover_variants(source), lambda _v: [write_artifact(tmp_path)], tmp_path / "staged"
+    )
+
+    assert (staged.root / "bring_your_own" / "1" / "model.onnx").read_bytes() == b"their graph"
+    assert any("bring_your_own: served with its own model files (1/model.onnx)" in n for n in staged.notes)
+    assert not any("placeholder" in n for n in staged.notes)
+
+
+def write_artifact(directory: Path) -> Path:
+    path = directory / "model.onnx"
+    path.write_bytes(b"our graph")
+    return path
