@@ -46,9 +46,7 @@ def test_triton_greedy_caption_equals_generate(
     description = loaded_model.description
     pixel_values = preprocess([load_image(image_name)], description)
     with TritonInferClient(exact_variant.server.endpoints.grpc_url, "grpc") as client:
-        caption = caption_through_triton(
-            client, exact_variant.name, description, pixel_values, MAX_NEW_TOKENS
-        )
+        caption = caption_through_triton(client, exact_variant.name, description, pixel_values, MAX_NEW_TOKENS)
 
     expected = generate_greedy(loaded_model, pixel_values)
     assert list(caption.token_ids) == expected

@@ -94,7 +94,5 @@ def test_old_opset_is_refused(tiny: LoadedModel, tmp_path: Path) -> None:
 def test_corrupt_cache_metadata_is_reported_with_its_path(tiny: LoadedModel, tmp_path: Path) -> None:
     exported = export_model(tiny, tmp_path)
     (exported.directory / "export.json").write_text("{not json")
-    with pytest.raises(
-        ExportError, match=r"export\.json is unreadable .*delete .* and the next run exports again"
-    ):
+    with pytest.raises(ExportError, match=r"export\.json is unreadable .*delete .* and the next run exports again"):
         export_model(tiny, tmp_path)

@@ -49,30 +49,22 @@ def test_seed_repository_has_the_four_variants_with_needs_from_their_configs() -
 
 
 def test_requirements_come_from_the_config_not_the_name(tmp_path: Path) -> None:
-    gpu = write_variant(
-        tmp_path, "innocent_cpu_name", extra="instance_group [ { kind: KIND_GPU gpus: [ 2 ] } ]"
-    )
+    gpu = write_variant(tmp_path, "innocent_cpu_name", extra="instance_group [ { kind: KIND_GPU gpus: [ 2 ] } ]")
     variant = load_variant(gpu)
     assert variant.requirements.gpu_count == 3  # GPU id 2 exists only on a host with three GPUs
-    reasons = unmet_requirements(
-        variant.requirements, gpu_count=1, server_providers=("CPUExecutionProvider",)
-    )
+    reasons = unmet_requirements(variant.requirements, gpu_count=1, server_providers=("CPUExecutionProvider",))
     assert reasons == ["needs 3 GPUs (instance_group[0] kind KIND_GPU on gpus [2]), this host has 1"]
 
 
 def test_kind_auto_and_cpu_need_no_gpu(tmp_path: Path) -> None:
-    folder = write_variant(
-        tmp_path, "auto", extra="instance_group [ { kind: KIND_AUTO }, { kind: KIND_CPU } ]"
-    )
+    folder = write_variant(tmp_path, "auto", extra="instance_group [ { kind: KIND_AUTO }, { kind: KIND_CPU } ]")
     assert load_variant(folder).requirements.gpu_count == 0
 
 
 def test_openvino_accelerator_needs_its_provider(tmp_path: Path) -> None:
     extra = 'optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "openvino" } ] } }'
     variant = load_variant(write_variant(tmp_path, "ov", extra=extra))
-    reasons = unmet_requirements(
-        variant.requirements, gpu_count=0, server_providers=("CPUExecutionProvider",)
-    )
+    reasons = unmet_requirements(variant.requirements, gpu_count=0, server_providers=("CPUExecutionProvider",))
     assert len(reasons) == 1
     assert "OpenVINOExecutionProvider" in reasons[0]
     assert "cpu_execution_accelerator 'openvino'" in reasons[0]
@@ -80,13 +72,9 @@ def test_openvino_accelerator_needs_its_provider(tmp_path: Path) -> None:
 
 
 def test_unknown_accelerator_is_a_config_error(tmp_path: Path) -> None:
-    extra = (
-        'optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "warp_drive" } ] } }'
-    )
+    extra = 'optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "warp_drive" } ] } }'
     folder = write_variant(tmp_path, "odd", extra=extra)
-    with pytest.raises(
-        ConfigError, match=r"config\.pbtxt: .*gpu_execution_accelerator\[0\] names 'warp_drive'"
-    ):
+    with pytest.raises(ConfigError, match=r"config\.pbtxt: .*gpu_execution_accelerator\[0\] names 'warp_drive'"):
         load_variant(folder)
 
 
@@ -167,9 +155,7 @@ def test_variant_with_its_own_model_file_is_served_with_it_and_says_so(tmp_path:
     (seed_style / "1").mkdir()
     (seed_style / "1" / "dummy").write_bytes(b"")  # the seed's placeholder is not a model file
 
-    staged = stage_repository(
-        discover_variants(source), lambda _v: [write_artifact(tmp_path)], tmp_path / "staged"
-    )
+    staged = stage_repository(discover_variants(source), lambda _v: [write_artifact(tmp_path)], tmp_path / "staged")
 
     assert (staged.root / "bring_your_own" / "1" / "model.onnx").read_bytes() == b"their graph"
     assert any("bring_your_own: served with its own model files (1/model.onnx)" in n for n in staged.notes)
