@@ -14,8 +14,8 @@ from fixtures.workload import build_inputs
 pytestmark = pytest.mark.correctness
 
 
-@pytest.mark.parametrize("sequence_length", [1, 16, 40])
-@pytest.mark.parametrize("batch_size", [1, 2, 8])
+@pytest.mark.parametrize("sequence_length", [1, 16, 40], ids=lambda s: f"seq{s}")
+@pytest.mark.parametrize("batch_size", [1, 2, 8], ids=lambda b: f"batch{b}")
 def test_onnxruntime_matches_pytorch(
     loaded_model: LoadedModel,
     reference_sessions: ReferenceSessions,

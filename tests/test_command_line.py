@@ -1,0 +1,86 @@
+"""The suite as a user runs it: collection by variant, skips derived from configs, and usage errors.
+
+Each test runs pytest in a subprocess on this repository, exactly as a user would type it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+SEED_VARIANTS = ("base_model_cpu", "base_model_gpu", "base_model_multi_gpu", "trt_model")
+
+
+def run_pytest(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--model", "tiny", *args],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_collection_lists_every_seed_variant() -> None:
+    result = run_pytest("--collect-only", "-q", "suite/test_serving_correctness.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for variant in SEED_VARIANTS:
+        for protocol in ("grpc", "http"):
+            assert f"test_triton_matches_onnxruntime[{variant}-{protocol}]" in result.stdout
+
+
+def test_gpu_marker_selects_the_variants_whose_config_needs_a_gpu() -> None:
+    result = run_pytest("--collect-only", "-q", "-m", "gpu", "suite/test_serving_correctness.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[base_model_cpu-" not in result.stdout
+    for variant in ("base_model_gpu", "base_model_multi_gpu", "trt_model"):
+        assert f"[{variant}-grpc]" in result.stdout
+
+
+def test_gpu_variants_are_skipped_naming_the_missing_hardware() -> None:
+    # On this GPU-less host no server starts: every selected test is skipped before its fixtures run.
+    result = run_pytest("-rs", "-m", "gpu", "suite/test_serving_correctness.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 skipped" in result.stdout
+    assert "base_model_multi_gpu: needs 2 GPUs (instance_group[0] kind KIND_GPU on gpus [0, 1]), this host has 0" in (
+        result.stdout
+    )
+    assert "trt_model: needs 1 GPU" in result.stdout
+    assert "TensorrtExecutionProvider" in result.stdout
+
+
+def test_unknown_variant_is_a_usage_error_listing_the_known_ones() -> None:
+    result = run_pytest("--collect-only", "--variant", "base_model_tpu")
+    assert result.returncode == 4  # pytest's usage-error exit code
+    assert "unknown --variant base_model_tpu; this repository has: " + ", ".join(SEED_VARIANTS) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_config_in_another_repository_is_a_usage_error(tmp_path: Path) -> None:
+    folder = tmp_path / "broken_variant"
+    folder.mkdir()
+    (folder / "config.pbtxt").write_text('name: "broken_variant"\nplatform: "onnxruntime_onnx"\nmax_batch: 8\n')
+    result = run_pytest("--collect-only", f"--model-repository={tmp_path}")
+    assert result.returncode == 4
+    assert f"{folder / 'config.pbtxt'}:3:1: " in result.stderr
+    assert 'no field named "max_batch"' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_another_repository_of_configs_parametrizes_the_suite(tmp_path: Path) -> None:
+    for name, group in (("edge_cpu", "kind: KIND_CPU count: 2"), ("edge_gpu", "kind: KIND_GPU")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.pbtxt").write_text(
+            (REPOSITORY_ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt")
+            .read_text()
+            .replace('name: "base_model_cpu"', f'name: "{name}"')
+            .replace("kind: KIND_CPU", group)
+        )
+    result = run_pytest("--collect-only", "-q", f"--model-repository={tmp_path}", "suite/test_serving_correctness.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[edge_cpu-grpc]" in result.stdout
+    assert "[edge_gpu-http]" in result.stdout
+    assert "base_model_cpu" not in result.stdout
