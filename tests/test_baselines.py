@@ -1,0 +1,250 @@
+"""The baseline store: layout, validation with useful errors, read-only loads, atomic merging saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fixtures.baselines import (
+    SCHEMA_VERSION,
+    Baseline,
+    BaselineError,
+    BaselineStore,
+    Fingerprint,
+    record_command,
+)
+
+MODEL_ID = "Salesforce/blip-image-captioning-base"
+VARIANT = "base_model_cpu"
+
+
+@pytest.fixture
+def fingerprint() -> Fingerprint:
+    return Fingerprint(
+        cpu_model="AMD EPYC 9654 96-Core Processor",
+        cpu_cores=16,
+        gpu_names=(),
+        gpu_count=0,
+        gpu_driver="",
+        triton_version="2.52.0",
+        server_provider="local",
+        server_image="",
+        model_id=MODEL_ID,
+        model_size="247414076",
+        protocol="grpc",
+    )
+
+
+def baseline(fingerprint: Fingerprint, levels: dict[str, dict[str, float]], when: str = "2025-01-01T00:00:00+00:00"):
+    return Baseline.create(fingerprint, VARIANT, "pytest --variant base_model_cpu", levels, recorded_at=when)
+
+
+def snapshot(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def test_fingerprint_from_host_and_server(fingerprint: Fingerprint) -> None:
+    from fixtures.hardware import GpuInfo, HostInfo
+    from fixtures.servers.base import ServerDescription
+
+    host = HostInfo("Xeon", 32, (GpuInfo("NVIDIA H100", "560.35.03", 81559),) * 2, ("CPUExecutionProvider",))
+    server = ServerDescription(provider="container", triton_version="2.52.0", image="nvcr.io/nvidia/tritonserver")
+    made = Fingerprint.from_parts(host, server, MODEL_ID, 247414076, "http")
+    assert made.gpu_names == ("NVIDIA H100", "NVIDIA H100")
+    assert (made.gpu_count, made.gpu_driver, made.server_image) == (2, "560.35.03", "nvcr.io/nvidia/tritonserver")
+    assert made.model_size == "247414076"
+    assert made.slug() == "32cpu-2gpu-container-http"
+
+
+def test_fingerprint_key_is_short_stable_and_sensitive_to_every_field(fingerprint: Fingerprint) -> None:
+    key = fingerprint.key()
+    assert len(key) == 12 and int(key, 16) >= 0
+    assert Fingerprint(**fingerprint.to_dict() | {"gpu_names": ()}).key() == key
+    assert replace(fingerprint, triton_version="2.53.0").key() != key
+    assert replace(fingerprint, cpu_cores=8).key() != key
+    assert fingerprint.slug() == "16cpu-0gpu-local-grpc"
+
+
+def test_baseline_json_round_trip(fingerprint: Fingerprint) -> None:
+    original = baseline(
+        fingerprint, {"concurrency=1": {"throughput_infer_per_s": 24.3}, "startup": {"cold_start_s": 9}}
+    )
+    text = original.to_json()
+    assert json.loads(text)["schema_version"] == SCHEMA_VERSION
+    assert Baseline.from_json(text, Path("x.json")) == original
+
+
+def test_missing_baseline_is_none_and_creates_nothing(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path / "baselines")
+    assert store.load(fingerprint, MODEL_ID, VARIANT) is None
+    assert not (tmp_path / "baselines").exists()
+
+
+def test_save_lays_files_out_by_fingerprint_model_and_variant(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    recorded = baseline(fingerprint, {"concurrency=1": {"throughput_infer_per_s": 24.3, "latency_p99_ms": 80.0}})
+    lines = store.save(recorded)
+    expected = tmp_path / f"16cpu-0gpu-local-grpc-{fingerprint.key()}" / "Salesforce--blip-image-captioning-base"
+    assert store.path_for(fingerprint, MODEL_ID, VARIANT) == expected / "base_model_cpu.json"
+    assert sorted(os.listdir(expected)) == ["base_model_cpu.json"]  # no temp file left behind
+    assert store.load(fingerprint, MODEL_ID, VARIANT) == recorded
+    assert lines == [
+        "concurrency=1 throughput_infer_per_s: 24.30 (new)",
+        "concurrency=1 latency_p99_ms: 80.00 (new)",
+    ]
+
+
+def test_resave_reports_old_to_new_and_keeps_levels_not_re_recorded(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    store.save(
+        baseline(
+            fingerprint,
+            {
+                "concurrency=1": {"throughput_infer_per_s": 24.30, "latency_p99_ms": 80.0, "old_metric": 1.0},
+                "concurrency=2": {"throughput_infer_per_s": 40.0},
+            },
+        )
+    )
+    newer = baseline(
+        fingerprint,
+        {"concurrency=1": {"throughput_infer_per_s": 25.10, "latency_p99_ms": 72.0, "p99_spread_pct": 3.0}},
+        when="2025-02-01T00:00:00+00:00",
+    )
+    lines = store.save(newer)
+    assert lines == [
+        "concurrency=1 throughput_infer_per_s: 24.30 -> 25.10 (+3.3%)",
+        "concurrency=1 latency_p99_ms: 80.00 -> 72.00 (-10.0%)",
+        "concurrency=1 p99_spread_pct: 3.00 (new)",
+        "concurrency=1 old_metric: 1.00 -> (no longer recorded)",
+        "concurrency=2: kept from the previous baseline (2025-01-01T00:00:00+00:00)",
+    ]
+    loaded = store.load(fingerprint, MODEL_ID, VARIANT)
+    assert loaded is not None
+    assert loaded.levels == {
+        "concurrency=1": {"throughput_infer_per_s": 25.10, "latency_p99_ms": 72.0, "p99_spread_pct": 3.0},
+        "concurrency=2": {"throughput_infer_per_s": 40.0},
+    }
+    assert loaded.recorded_at == "2025-02-01T00:00:00+00:00"
+
+
+def test_corrupt_file_is_named_and_left_untouched(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"schema_version": 1, "levels": {')
+    before = snapshot(path)
+
+    with pytest.raises(BaselineError) as loading:
+        store.load(fingerprint, MODEL_ID, VARIANT)
+    assert str(path) in str(loading.value)
+    assert "is not valid JSON" in str(loading.value)
+    assert "delete it, or re-record it with --update-baselines" in str(loading.value)
+    assert snapshot(path) == before
+
+    with pytest.raises(BaselineError, match="left as it is"):
+        store.save(baseline(fingerprint, {"concurrency=1": {"throughput_infer_per_s": 24.3}}))
+    assert snapshot(path) == before
+    assert sorted(os.listdir(path.parent)) == [path.name]
+
+    lines = store.save(
+        baseline(fingerprint, {"concurrency=1": {"throughput_infer_per_s": 24.3}}), overwrite_corrupt=True
+    )
+    assert lines[0].startswith("replaced the unreadable previous file (is not valid JSON")
+    assert store.load(fingerprint, MODEL_ID, VARIANT) is not None
+
+
+def test_wrong_or_missing_schema_version_is_named(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    data = json.loads(path.read_text())
+
+    path.write_text(json.dumps(data | {"schema_version": 99}))
+    with pytest.raises(BaselineError, match="has schema_version 99, but this suite reads schema_version 1"):
+        store.load(fingerprint, MODEL_ID, VARIANT)
+
+    del data["schema_version"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(BaselineError, match="has no schema_version"):
+        store.load(fingerprint, MODEL_ID, VARIANT)
+
+
+def test_missing_and_mistyped_fields_are_named(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    data = json.loads(path.read_text())
+
+    path.write_text(json.dumps({key: value for key, value in data.items() if key != "levels"}))
+    with pytest.raises(BaselineError, match="missing field\\(s\\) levels"):
+        store.load(fingerprint, MODEL_ID, VARIANT)
+
+    path.write_text(json.dumps(data | {"levels": {"startup": {"cold_start_s": "fast"}}}))
+    with pytest.raises(BaselineError, match="levels\\['startup'\\]\\['cold_start_s'\\] should be a finite number"):
+        store.load(fingerprint, MODEL_ID, VARIANT)
+
+
+def test_fingerprint_that_does_not_match_its_folder_is_reported(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))
+    other = replace(fingerprint, triton_version="2.53.0")
+    moved = store.path_for(other, MODEL_ID, VARIANT)
+    moved.parent.mkdir(parents=True)
+    moved.write_bytes(store.path_for(fingerprint, MODEL_ID, VARIANT).read_bytes())
+    before = snapshot(moved)
+    with pytest.raises(BaselineError, match="does not match the folder it is in") as error:
+        store.load(other, MODEL_ID, VARIANT)
+    assert str(moved) in str(error.value)
+    assert snapshot(moved) == before
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(
+    tmp_path: Path, fingerprint: Fingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = BaselineStore(tmp_path)
+    store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    before = snapshot(path)
+
+    def fail_replace(source: object, target: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail_replace)
+    with pytest.raises(OSError, match="disk full"):
+        store.save(baseline(fingerprint, {"startup": {"cold_start_s": 5.0}}))
+    assert snapshot(path) == before
+    assert sorted(os.listdir(path.parent)) == [path.name]
+
+
+def test_a_non_finite_measurement_is_not_saved(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    with pytest.raises(BaselineError, match="latency_p99_ms is nan"):
+        store.save(baseline(fingerprint, {"concurrency=1": {"latency_p99_ms": float("nan")}}))
+    assert store.load(fingerprint, MODEL_ID, VARIANT) is None
+
+
+def test_record_command_adds_update_baselines_once() -> None:
+    assert record_command(["--variant", "base_model_cpu", "--model", "base"]) == (
+        "pytest --variant base_model_cpu --model base --update-baselines"
+    )
+    assert record_command(["pytest", "-k", "not slow", "--update-baselines"]) == (
+        "pytest -k 'not slow' --update-baselines"
+    )
+    assert record_command([]) == "pytest --update-baselines"
+
+
+def test_pure_modules_import_nothing_from_pytest_triton_or_docker() -> None:
+    code = (
+        "import sys, fixtures.stats, fixtures.verdict, fixtures.baselines\n"
+        "heavy = {'pytest', 'tritonclient', 'docker', 'testcontainers', 'onnxruntime', 'torch'}\n"
+        "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert completed.stdout.strip() == "[]"
