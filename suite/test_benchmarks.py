@@ -1,0 +1,37 @@
+"""Single-request latency with pytest-benchmark: through Triton at concurrency 1, and in-process ONNX Runtime.
+
+The in-process number is the reference the report sets each variant's best served throughput against.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.client import TritonInferClient
+from fixtures.model import ModelDescription
+from fixtures.plugin import ServedVariant
+from fixtures.reference import ReferenceSessions
+from fixtures.workload import build_inputs
+
+pytestmark = pytest.mark.perf
+
+ROUNDS = 10
+
+
+def test_single_request_latency_through_triton(
+    served_variant: ServedVariant, model_description: ModelDescription, bench_options, benchmark
+) -> None:
+    inputs = build_inputs(model_description, 1, bench_options.sequence_length)
+    with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc") as client:
+        logits = benchmark.pedantic(client.infer, args=(served_variant.name, inputs), rounds=ROUNDS, warmup_rounds=1)
+    assert logits.shape == (1, bench_options.sequence_length, model_description.vocab_size)
+
+
+def test_in_process_onnxruntime_reference(
+    reference_sessions: ReferenceSessions, model_description: ModelDescription, bench_options, run_record, benchmark
+) -> None:
+    inputs = build_inputs(model_description, 1, bench_options.sequence_length).as_dict()
+    session = reference_sessions.for_export()
+    (logits,) = benchmark.pedantic(session.run, args=(["logits"], inputs), rounds=ROUNDS, warmup_rounds=1)
+    assert logits.shape == (1, bench_options.sequence_length, model_description.vocab_size)
+    run_record.in_process_infer_per_s = 1.0 / benchmark.stats.stats.median

@@ -1,0 +1,58 @@
+"""Throughput and latency per variant x load level, judged against the stored baseline for this machine.
+
+A level fails when throughput falls, or p99 latency rises, beyond the tolerance *and* beyond the run's own
+measured spread; the message shows baseline, measured, change and spread.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from fixtures.baselines import BaselineError, record_command
+from fixtures.load import LoadLevel
+from fixtures.perf import PerfRun
+from fixtures.plugin import ServedVariant
+
+pytestmark = pytest.mark.perf
+
+
+class UnstableMeasurement(UserWarning):
+    """A level never reached perf_analyzer's stability criterion within --max-windows."""
+
+
+def test_throughput_and_latency(
+    served_variant: ServedVariant, load_level: LoadLevel, perf_run: PerfRun, pytestconfig: pytest.Config
+) -> None:
+    try:
+        judged = perf_run.run_level(served_variant.variant, load_level)
+    except BaselineError as error:
+        pytest.fail(str(error), pytrace=False)
+
+    summary = judged.measurement.summary
+    assert summary.request_count > 0, f"no request completed at {load_level.level_id}"
+    assert summary.errors == 0, f"{summary.errors} requests failed at {load_level.level_id}"
+    if not summary.stable:
+        warnings.warn(
+            UnstableMeasurement(
+                f"{served_variant.name} {load_level.level_id}: {summary.stability_reason}; reported as unstable and "
+                "not recorded as a baseline (raise --max-windows or --window-s)"
+            ),
+            stacklevel=1,
+        )
+    if judged.baseline_metrics is None:
+        if perf_run.settings.update_baselines:
+            return  # recorded at the end of the session, once the correctness gates are known
+        message = (
+            f"no baseline for {served_variant.name} {load_level.level_id} on this machine "
+            f"({judged.baseline_path}); record one with: "
+            f"{record_command(list(pytestconfig.invocation_params.args))}"
+        )
+        if perf_run.settings.require_baselines:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    failed = judged.failed_verdicts
+    assert not failed, f"{served_variant.name} {load_level.level_id} regressed:\n" + "\n".join(
+        verdict.message for verdict in failed
+    )

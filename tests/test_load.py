@@ -1,0 +1,102 @@
+"""Load-generation machinery without a server: ranges, arrival schedules, windows, statistics deltas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fixtures.load import (
+    CONCURRENCY,
+    REQUEST_RATE,
+    LoadLevel,
+    LoadSpecError,
+    _Completions,
+    arrival_gaps_s,
+    concurrency_levels,
+    parse_range,
+    request_rate_levels,
+    statistics_delta,
+)
+
+
+def test_perf_analyzer_range_syntax() -> None:
+    assert parse_range("1:4:1", "--concurrency") == [1, 2, 3, 4]
+    assert parse_range("2:10:2", "--request-rate") == [2, 4, 6, 8, 10]
+    assert parse_range("3", "--concurrency") == [3]
+    assert parse_range("1:8", "--concurrency") == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert parse_range("0.5:1.5:0.5", "--request-rate") == [0.5, 1.0, 1.5]
+    assert [level.level_id for level in concurrency_levels("1:3:2")] == ["concurrency=1", "concurrency=3"]
+    assert [level.level_id for level in request_rate_levels("2.5")] == ["request_rate=2.5"]
+
+
+@pytest.mark.parametrize("text", ["0:4:1", "4:1:1", "1:4:0", "a:b", "1:2:3:4"])
+def test_malformed_ranges_say_what_is_expected(text: str) -> None:
+    with pytest.raises(LoadSpecError, match="--concurrency"):
+        parse_range(text, "--concurrency")
+
+
+def test_fractional_concurrency_is_refused() -> None:
+    with pytest.raises(LoadSpecError, match="whole numbers"):
+        concurrency_levels("1:2:0.5")
+
+
+def test_constant_and_poisson_arrivals() -> None:
+    assert np.allclose(arrival_gaps_s(4.0, 10, "constant", seed=0), 0.25)
+    gaps = arrival_gaps_s(4.0, 20_000, "poisson", seed=1)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.03)
+    assert gaps.std() == pytest.approx(0.25, rel=0.05)  # exponential: std equals the mean
+    assert np.array_equal(gaps, arrival_gaps_s(4.0, 20_000, "poisson", seed=1))  # reproducible
+    with pytest.raises(LoadSpecError, match="constant or poisson"):
+        arrival_gaps_s(4.0, 1, "bursty", seed=0)
+
+
+def test_windows_take_requests_by_completion_time_and_latency_from_the_reference_time() -> None:
+    done = _Completions()
+    # (reference time, completion time, succeeded): the reference is the send (closed loop) or the
+    # scheduled send (open loop), so a late request carries its queueing in its latency.
+    done.records.extend([(0.0, 0.5, True), (0.2, 1.2, True), (1.0, 1.5, False), (0.5, 2.1, True)])
+    first, next_index = done.window(1.0, 2.0, 0)
+    assert first.latencies_ms == pytest.approx((1000.0,))
+    assert first.errors == 1
+    assert first.duration_s == pytest.approx(1.0)
+    second, _ = done.window(2.0, 3.0, next_index)
+    assert second.latencies_ms == pytest.approx((1600.0,))
+
+
+def _stats(success: int, executions: int, queue_ns: int, infer_ns: int, batches: dict[int, int]) -> dict:
+    return {
+        "model_stats": [
+            {
+                "name": "m",
+                "inference_count": str(success),
+                "execution_count": str(executions),
+                "inference_stats": {
+                    "success": {"count": str(success), "ns": "0"},
+                    "queue": {"count": str(success), "ns": str(queue_ns)},
+                    "compute_input": {"count": str(success), "ns": "0"},
+                    "compute_infer": {"count": str(success), "ns": str(infer_ns)},
+                    "compute_output": {"count": str(success), "ns": "0"},
+                },
+                "batch_stats": [
+                    {"batch_size": size, "compute_infer": {"count": count, "ns": 0}} for size, count in batches.items()
+                ],
+            }
+        ]
+    }
+
+
+def test_statistics_delta_is_the_measured_interval_only() -> None:
+    before = _stats(success=10, executions=10, queue_ns=1_000_000, infer_ns=50_000_000, batches={1: 10})
+    after = _stats(success=30, executions=20, queue_ns=21_000_000, infer_ns=450_000_000, batches={1: 14, 2: 4, 4: 2})
+    delta = statistics_delta(before, after)
+    assert (delta.inference_count, delta.execution_count, delta.success_count) == (20, 10, 20)
+    assert delta.average_batch_size == pytest.approx(2.0)
+    assert delta.queue_ms == pytest.approx(1.0)  # 20 ms of queueing over 20 requests
+    assert delta.compute_infer_ms == pytest.approx(20.0)
+    assert delta.executions_by_batch_size == {1: 4, 2: 4, 4: 2}
+
+
+def test_level_ids_name_the_mode() -> None:
+    assert LoadLevel(CONCURRENCY, 2).level_id == "concurrency=2"
+    assert LoadLevel(REQUEST_RATE, 2.0).level_id == "request_rate=2"
+    assert LoadLevel(REQUEST_RATE, 0.5).level_id == "request_rate=0.5"

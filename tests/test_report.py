@@ -1,0 +1,134 @@
+"""The report: perf_analyzer's CSV columns, the markdown table, serving efficiency and the plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from fixtures.load import CONCURRENCY, REQUEST_RATE, LevelMeasurement, LoadLevel, ServerStatistics
+from fixtures.perf import JudgedLevel
+from fixtures.report import markdown_table, serving_efficiency, write_report
+from fixtures.stats import WindowSample, assess_stability, summarize_level
+from fixtures.verdict import compare_level
+
+
+def judged_level(
+    variant: str,
+    level: LoadLevel,
+    latency_ms: float,
+    baseline: dict[str, float] | None = None,
+    jitter: float = 0.0,
+    requests_per_window: int = 20,
+) -> JudgedLevel:
+    windows = tuple(
+        WindowSample(
+            start_s=i * 5.0,
+            duration_s=5.0,
+            latencies_ms=tuple([latency_ms + jitter * i] * requests_per_window),
+            errors=0,
+        )
+        for i in range(3)
+    )
+    stability = assess_stability(windows)
+    summary = summarize_level(windows, stability)
+    server = ServerStatistics(
+        inference_count=60,
+        execution_count=40,
+        success_count=60,
+        queue_ms=1.5,
+        compute_input_ms=0.2,
+        compute_infer_ms=400.0,
+        compute_output_ms=0.3,
+        executions_by_batch_size={1: 20, 2: 20},
+    )
+    measurement = LevelMeasurement(
+        level=level,
+        windows=windows,
+        stability=stability,
+        summary=summary,
+        server=server,
+        offered_rate_per_s=level.value if level.mode == REQUEST_RATE else None,
+        achieved_rate_per_s=4.0,
+    )
+    verdicts = compare_level(baseline, summary.metrics()) if baseline else []
+    return JudgedLevel(
+        variant=variant,
+        measurement=measurement,
+        tolerance_pct=10.0,
+        baseline_path=Path("baselines/x.json"),
+        baseline_metrics=baseline,
+        verdicts=tuple(verdicts),
+        ceiling_infer_per_s=10.0,
+    )
+
+
+def test_csv_uses_perf_analyzer_column_names_and_microseconds(tmp_path: Path) -> None:
+    results = [judged_level("cpu", LoadLevel(CONCURRENCY, 1), latency_ms=400.0)]
+    write_report(tmp_path, results, in_process_infer_per_s=2.5, notes=["a note"])
+    with (tmp_path / "results.csv").open() as stream:
+        (row,) = list(csv.DictReader(stream))
+    assert row["Concurrency"] == "1"
+    assert row["Inferences/Second"] == "4.0000"  # 20 requests per 5 s window
+    assert row["p99 latency"] == "400000"  # perf_analyzer writes latencies in microseconds
+    assert row["Server Compute Infer"] == "400000"
+    assert row["Avg Batch Size"] == "1.50"
+    assert row["Stable"] == "yes"
+
+
+def test_report_files_and_terminal_lines(tmp_path: Path) -> None:
+    baseline = {
+        "throughput_infer_per_s": 5.0,
+        "latency_p99_ms": 300.0,
+        "throughput_spread_pct": 1.0,
+        "p99_spread_pct": 1.0,
+    }
+    results = [
+        judged_level("cpu", LoadLevel(CONCURRENCY, 1), latency_ms=400.0, baseline=baseline),
+        judged_level("cpu", LoadLevel(CONCURRENCY, 2), latency_ms=420.0),
+        judged_level("cpu", LoadLevel(REQUEST_RATE, 4), latency_ms=450.0),
+    ]
+    lines = write_report(tmp_path, results, in_process_infer_per_s=2.0, notes=[])
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latency_vs_throughput.png",
+        "report.md",
+        "results.csv",
+        "results.json",
+        "throughput_vs_concurrency.png",
+    ]
+    assert all(
+        (tmp_path / name).stat().st_size > 10_000
+        for name in ("latency_vs_throughput.png", "throughput_vs_concurrency.png")
+    )
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert [level["measurement"]["level"]["mode"] for level in document["levels"]] == ["concurrency"] * 2 + [
+        "request_rate"
+    ]
+    assert document["serving_efficiency"][0]["ratio"] == pytest.approx(2.0)  # 4 infer/s served vs 2 in-process
+    table = lines[0]
+    assert "| cpu | concurrency=1 | 4.00 | 400.0 | 400.0 | 1x20 2x20 | regression (latency_p99_ms +33.3%)" in table
+    assert "| cpu | concurrency=2 | 4.00 |" in table and "no baseline" in table
+    assert "offered 4/s, achieved 4.00/s" in table
+    assert "near client ceiling (10.0 infer/s)" not in table  # 4 infer/s is under half of the 10 infer/s ceiling
+
+
+def test_near_ceiling_and_unstable_levels_are_flagged() -> None:
+    judged = judged_level("cpu", LoadLevel(CONCURRENCY, 4), latency_ms=100.0, jitter=40.0)  # 100, 140, 180 ms
+    table = markdown_table([judged])
+    assert "UNSTABLE" in table
+    assert "near client ceiling" in markdown_table(
+        [judged_level("cpu", LoadLevel(CONCURRENCY, 8), latency_ms=2.0, requests_per_window=30)]  # 6 of 10 infer/s
+    )
+
+
+def test_serving_efficiency_takes_each_variants_best_level() -> None:
+    results = [
+        judged_level("a", LoadLevel(CONCURRENCY, 1), latency_ms=400.0),  # 4 infer/s
+        judged_level("a", LoadLevel(CONCURRENCY, 2), latency_ms=200.0),  # 4 infer/s (20 requests per window)
+    ]
+    (efficiency,) = serving_efficiency(results, in_process_infer_per_s=None)
+    assert efficiency.ratio is None
+    assert efficiency.best_level == "concurrency=1"
