@@ -16,9 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The tests: machinery unit tests plus the whole suite end to end on the tiny model through a real Triton.
+# The tests: machinery unit tests plus the whole suite end to end on the tiny model through a real Triton,
+# with the local provider; then the suite again through the container provider when a Docker engine answers.
 test: $(STAMP)
-	$(VENV)/bin/pytest --model tiny $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --model tiny --server local $(PYTEST_ARGS)
+	@if $(PYTHON) -c "from fixtures.servers.container import docker_available as a; raise SystemExit(not a())"; then \
+		$(VENV)/bin/pytest suite --model tiny --server container $(PYTEST_ARGS); \
+	else \
+		echo "No Docker engine answers: the container-provider pass was not run (start one: sudo server/docker_engine.sh)"; \
+	fi
 
 # The main job: the CPU suite on the BLIP-base architecture, with its report.
 bench: $(STAMP)

@@ -16,8 +16,12 @@ import pytest
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPOSITORY_ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt"
-# Short windows keep the test quick; the slowdown below is far larger than any noise they let through.
-QUICK_LOAD = ("--concurrency", "2", "--window-s", "1", "--warmup-s", "1", "--max-windows", "8", "--tolerance-pct", "50")
+# Short windows and a loose stability criterion keep the test quick on a noisy 2-core machine; the slowdown
+# below (about -80% throughput, +300% p99) is far larger than the 50% tolerance and any spread they let through.
+QUICK_LOAD = (
+    "--concurrency", "2", "--window-s", "2", "--warmup-s", "1", "--max-windows", "10",
+    "--stability-percentage", "30", "--tolerance-pct", "50",
+)  # fmt: skip
 
 
 def run_suite(repository: Path, baselines: Path, reports: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -26,6 +30,7 @@ def run_suite(repository: Path, baselines: Path, reports: Path, *extra: str) -> 
         [
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
             "--model", "tiny",
+            "--server", "local",  # the fingerprint names the provider: every step must use the same one
             f"--model-repository={repository}",
             f"--baseline-dir={baselines}",
             f"--report-dir={reports}",
@@ -50,8 +55,8 @@ def copy_of_seed_variant(destination: Path, config_text: str) -> Path:
 
 
 def slowed(config_text: str) -> str:
-    """Every request now waits 1.5 s for a batch of 8 that two clients can never fill."""
-    slow = config_text.replace("max_queue_delay_microseconds: 1000", "max_queue_delay_microseconds: 1500000")
+    """Every request now waits 200 ms for a batch of 8 that two clients can never fill."""
+    slow = config_text.replace("max_queue_delay_microseconds: 1000", "max_queue_delay_microseconds: 200000")
     slow = slow.replace("preferred_batch_size: [ 1, 2, 4, 8 ]", "preferred_batch_size: [ 8 ]")
     assert slow != config_text
     return slow
@@ -68,14 +73,12 @@ def test_recorded_baseline_then_slowed_repository_fails_and_unchanged_passes(tmp
     (baseline_file,) = baselines.rglob("base_model_cpu.json")
     stored = json.loads(baseline_file.read_text())
     assert stored["levels"]["concurrency=2"]["throughput_infer_per_s"] > 0
-    assert "concurrency=2 throughput_infer_per_s: (new)" in recorded.stdout or "(new)" in recorded.stdout
+    assert "concurrency=2 throughput_infer_per_s: " in recorded.stdout and "(new)" in recorded.stdout
     before = baseline_file.read_bytes()
 
     regressed = run_suite(slow, baselines, tmp_path / "r2")
     assert regressed.returncode == 1, regressed.stdout[-4000:]
-    assert "test_throughput_and_latency[base_model_cpu-concurrency=2] - AssertionError" in regressed.stdout or (
-        "FAILED suite/test_perf.py::test_throughput_and_latency[base_model_cpu-concurrency=2]" in regressed.stdout
-    )
+    assert "FAILED suite/test_perf.py::test_throughput_and_latency[base_model_cpu-concurrency=2]" in regressed.stdout
     assert "base_model_cpu concurrency=2 regressed:" in regressed.stdout
     assert "throughput_infer_per_s: baseline" in regressed.stdout
     assert "-> REGRESSION" in regressed.stdout
@@ -83,7 +86,7 @@ def test_recorded_baseline_then_slowed_repository_fails_and_unchanged_passes(tmp
 
     rerun = run_suite(unchanged, baselines, tmp_path / "r3")
     assert rerun.returncode == 0, rerun.stdout[-4000:]
-    assert "1 passed" in rerun.stdout.splitlines()[-1] or "passed" in rerun.stdout.splitlines()[-1]
+    assert "3 passed" in rerun.stdout.splitlines()[-1]  # two correctness tests and the perf level
     assert (tmp_path / "r3" / "results.csv").is_file()
 
 
