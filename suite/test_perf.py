@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 
-from fixtures.baselines import BaselineError, record_command
+from fixtures.baselines import BaselineError
 from fixtures.load import LoadLevel
-from fixtures.perf import PerfRun
+from fixtures.perf import PerfRun, missing_baseline_message
 from fixtures.plugin import ServedVariant
 
 pytestmark = pytest.mark.perf
@@ -44,10 +44,8 @@ def test_throughput_and_latency(
     if judged.baseline_metrics is None:
         if perf_run.settings.update_baselines:
             return  # recorded at the end of the session, once the correctness gates are known
-        message = (
-            f"no baseline for {served_variant.name} {load_level.level_id} on this machine "
-            f"({judged.baseline_path}); record one with: "
-            f"{record_command(list(pytestconfig.invocation_params.args))}"
+        message = missing_baseline_message(
+            served_variant.name, load_level.level_id, judged.baseline_path, list(pytestconfig.invocation_params.args)
         )
         if perf_run.settings.require_baselines:
             pytest.fail(message, pytrace=False)

@@ -1,0 +1,81 @@
+"""Start-up costs per provider and variant: cold start, model load, first request against steady state.
+
+They go into the report and the baselines (level "startup") and are judged like throughput and latency.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.baselines import BaselineError
+from fixtures.model import ModelDescription
+from fixtures.perf import STARTUP_LEVEL, PerfRun, missing_baseline_message
+from fixtures.plugin import SERVER_CHOICE_KEY, ServedVariant
+from fixtures.repository import StagedRepository
+from fixtures.startup import ColdStart, measure_cold_start, measure_warm_up
+from fixtures.workload import build_inputs
+
+pytestmark = pytest.mark.perf
+
+REPEATS = 3
+
+
+@pytest.fixture(scope="session")
+def cold_start(
+    pytestconfig: pytest.Config,
+    bench_options,
+    host_info,
+    staged_repository: StagedRepository,
+    tmp_path_factory: pytest.TempPathFactory,
+    run_record,
+) -> ColdStart:
+    from fixtures.servers.choice import make_provider
+
+    choice = pytestconfig.stash[SERVER_CHOICE_KEY]
+    if choice.kind == "external":
+        pytest.skip("--server external: the suite starts no server there, so it has no cold start to measure")
+    provider, _ = make_provider(
+        choice,
+        tmp_path_factory.mktemp("cold-start"),
+        bench_options.server_timeout_s,
+        host_info,
+        bench_options.cache_dir,
+        None,
+        None,
+    )
+    measured = measure_cold_start(provider, staged_repository.root, REPEATS)
+    run_record.notes.append(
+        f"cold start ({measured.provider}, start to ready): "
+        + ", ".join(f"{seconds:.2f} s" for seconds in measured.ready_s)
+    )
+    return measured
+
+
+def test_startup_costs(
+    served_variant: ServedVariant,
+    cold_start: ColdStart,
+    perf_run: PerfRun,
+    model_description: ModelDescription,
+    bench_options,
+    pytestconfig: pytest.Config,
+) -> None:
+    inputs = build_inputs(model_description, 1, bench_options.sequence_length)
+    warm_up = measure_warm_up(served_variant.server, served_variant.name, inputs, REPEATS)
+    assert served_variant.server.is_model_ready(served_variant.name)  # left loaded for the tests after this one
+    try:
+        result = perf_run.judge_startup(served_variant.variant, {**cold_start.metrics(), **warm_up.metrics()})
+    except BaselineError as error:
+        pytest.fail(str(error), pytrace=False)
+
+    assert all(seconds > 0 for seconds in warm_up.load_s)
+    if result.baseline_metrics is None:
+        if perf_run.settings.update_baselines:
+            return
+        message = missing_baseline_message(
+            served_variant.name, STARTUP_LEVEL, result.baseline_path, list(pytestconfig.invocation_params.args)
+        )
+        if perf_run.settings.require_baselines:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    failed = result.failed_verdicts
+    assert not failed, f"{served_variant.name} start-up regressed:\n" + "\n".join(v.message for v in failed)

@@ -1,0 +1,122 @@
+"""The external provider: a server the suite does not own is checked, never loaded or unloaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from fixtures.export import export_model
+from fixtures.model import ModelSpec, load_model
+from fixtures.repository import discover_variants, stage_repository
+from fixtures.servers.base import ServerStartError
+from fixtures.servers.external import ExternalProvider, config_differences, external_endpoints
+from fixtures.servers.local import LocalProvider, LocalServer
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+SEED_CONFIG = REPOSITORY_ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt"
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def test_only_fields_the_repository_sets_are_compared() -> None:
+    expected = parse(SEED_CONFIG.read_text())
+    served = parse(SEED_CONFIG.read_text())
+    served.version_policy.latest.num_versions = 1  # Triton fills in defaults the file never set
+    served.instance_group[0].count = 1
+    served.instance_group[0].name = "base_model_cpu_0"
+    assert config_differences(expected, served) == []
+
+
+def test_every_difference_is_named() -> None:
+    expected = parse(SEED_CONFIG.read_text())
+    served = parse(SEED_CONFIG.read_text())
+    served.dynamic_batching.max_queue_delay_microseconds = 2000
+    served.max_batch_size = 4
+    del served.dynamic_batching.preferred_batch_size[-1]
+    served.input[1].dims[0] = 16
+    assert config_differences(expected, served) == [
+        "max_batch_size: repository 8, server 4",
+        "input[1].dims: repository [-1], server [16]",
+        "dynamic_batching.preferred_batch_size: repository [1, 2, 4, 8], server [1, 2, 4]",
+        "dynamic_batching.max_queue_delay_microseconds: repository 1000, server 2000",
+    ]
+
+
+def test_urls() -> None:
+    endpoints = external_endpoints("triton.internal:9000", None)
+    assert (endpoints.host, endpoints.http_port, endpoints.grpc_port) == ("triton.internal", 9000, 8001)
+    assert external_endpoints("http://h:8000/", "h:9001").grpc_port == 9001
+    with pytest.raises(ServerStartError, match="the port must be a number"):
+        external_endpoints("h:http", None)
+
+
+@pytest.fixture(scope="module")
+def running_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A server 'someone else' runs: the seed's CPU variant, loaded, on the tiny model."""
+    exported = export_model(load_model(ModelSpec("tiny")), tmp_path_factory.mktemp("cache"))
+    staged = stage_repository(
+        discover_variants(REPOSITORY_ROOT / "model_repository"),
+        lambda _v: exported.artifact_files,
+        tmp_path_factory.mktemp("repo"),
+    )
+    with LocalProvider(tmp_path_factory.mktemp("server")).start(staged.root) as server:
+        server.load_model("base_model_cpu")
+        yield server
+
+
+def test_an_unready_variant_is_reported_not_loaded(running_server: LocalServer) -> None:
+    with ExternalProvider(running_server.endpoints.http_url, running_server.endpoints.grpc_url).start(
+        Path(".")
+    ) as server:
+        (gpu_variant,) = [
+            v for v in discover_variants(REPOSITORY_ROOT / "model_repository") if v.name == "base_model_gpu"
+        ]
+        with pytest.raises(ServerStartError, match="'base_model_gpu' is not ready on the external server"):
+            server.check_variant(gpu_variant)
+    assert not running_server.is_model_ready("base_model_gpu")  # nothing was loaded on someone else's server
+
+
+def run_suite_against(server: LocalServer, repository: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--model", "tiny",
+            "--server", "external", "--triton-url", server.endpoints.http_url,
+            "--triton-grpc-url", server.endpoints.grpc_url,
+            f"--model-repository={repository}", "--variant", "base_model_cpu",
+            "suite/test_serving_correctness.py",
+        ],
+        cwd=REPOSITORY_ROOT,
+        env={k: v for k, v in os.environ.items() if k != "CI"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def test_the_suite_runs_against_an_external_server_and_names_config_drift(
+    running_server: LocalServer, tmp_path: Path
+) -> None:
+    passed = run_suite_against(running_server, REPOSITORY_ROOT / "model_repository")
+    assert passed.returncode == 0, passed.stdout[-3000:]
+    assert "2 passed" in passed.stdout
+    assert f"server provider: external (--triton-url {running_server.endpoints.http_url})" in passed.stdout
+
+    drifted = tmp_path / "repo" / "base_model_cpu"
+    drifted.mkdir(parents=True)
+    (drifted / "config.pbtxt").write_text(
+        SEED_CONFIG.read_text().replace("max_queue_delay_microseconds: 1000", "max_queue_delay_microseconds: 5000")
+    )
+    failed = run_suite_against(running_server, tmp_path / "repo")
+    assert failed.returncode == 1
+    assert "is not configured as" in failed.stdout
+    assert "dynamic_batching.max_queue_delay_microseconds: repository 5000, server 1000" in failed.stdout
+    assert running_server.is_model_ready("base_model_cpu")  # still served: the suite unloaded nothing

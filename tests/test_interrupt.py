@@ -1,0 +1,68 @@
+"""Ctrl-C in the middle of a sweep leaves nothing running: no tritonserver process, no container of ours."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.servers.container import CONTAINER_LABEL, docker_available
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+
+
+def our_containers() -> list[str]:
+    listed = subprocess.run(
+        ["docker", "ps", "-a", "-q", "--filter", f"label={CONTAINER_LABEL}"], capture_output=True, text=True, check=True
+    )
+    return listed.stdout.split()
+
+
+def processes_mentioning(text: str) -> list[str]:
+    listed = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True)
+    return [line for line in listed.stdout.splitlines() if "pgrep" not in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["local", "container"])
+def test_sigint_mid_sweep_leaves_no_server_behind(server: str, tmp_path: Path) -> None:
+    if server == "container" and not docker_available():
+        pytest.skip("no Docker engine answers here: start one with server/docker_engine.sh to test this provider")
+    basetemp = tmp_path / "basetemp"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--model", "tiny", "--server", server,
+            "--variant", "base_model_cpu", "--concurrency", "1:6", "--window-s", "2", "--warmup-s", "1",
+            f"--basetemp={basetemp}", f"--report-dir={tmp_path / 'report'}", "suite/test_perf.py",
+        ],
+        cwd=REPOSITORY_ROOT,
+        env={k: v for k, v in os.environ.items() if k != "CI"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    output = []
+    try:
+        deadline = time.monotonic() + 300
+        for line in process.stdout:  # wait until the sweep is under way: one level measured
+            output.append(line)
+            if line.startswith("[perf]") or time.monotonic() > deadline:
+                break
+        assert any(line.startswith("[perf]") for line in output), "".join(output)[-3000:]
+        if server == "container":
+            assert our_containers(), "the sweep should be running in a container"
+        process.send_signal(signal.SIGINT)
+        output.append(process.communicate(timeout=180)[0])
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = "".join(output)
+    assert "KeyboardInterrupt" in text, text[-3000:]
+    assert processes_mentioning(str(basetemp)) == []  # no tritonserver serving from this run's directories
+    if server == "container":
+        assert our_containers() == []
