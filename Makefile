@@ -28,7 +28,7 @@ test: $(STAMP)
 
 # The main job: the CPU suite on the BLIP-base architecture, with its report.
 bench: $(STAMP)
-	$(VENV)/bin/pytest suite --model base --variant base_model_cpu $(PYTEST_ARGS)
+	$(VENV)/bin/pytest suite --model base --variant base_model_cpu --server local $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
