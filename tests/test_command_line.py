@@ -5,6 +5,7 @@ Each test runs pytest in a subprocess on this repository, exactly as a user woul
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,11 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SEED_VARIANTS = ("base_model_cpu", "base_model_gpu", "base_model_multi_gpu", "trt_model")
 
 
-def run_pytest(*args: str) -> subprocess.CompletedProcess[str]:
+def run_pytest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--model", "tiny", *args],
         cwd=REPOSITORY_ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -84,3 +86,23 @@ def test_another_repository_of_configs_parametrizes_the_suite(tmp_path: Path) ->
     assert "[edge_cpu-grpc]" in result.stdout
     assert "[edge_gpu-http]" in result.stdout
     assert "base_model_cpu" not in result.stdout
+
+
+def test_container_provider_without_a_docker_engine_is_a_usage_error(tmp_path: Path) -> None:
+    environment = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+    result = run_pytest("--collect-only", "--server", "container", env=environment)
+    assert result.returncode == 4
+    assert "--server container: no Docker engine answers" in result.stderr
+    assert "server/docker_engine.sh" in result.stderr and "--server local" in result.stderr
+
+
+def test_external_provider_needs_a_url() -> None:
+    result = run_pytest("--collect-only", "--server", "external")
+    assert result.returncode == 4
+    assert "--server external needs --triton-url HOST:PORT" in result.stderr
+
+
+def test_malformed_concurrency_range_is_a_usage_error() -> None:
+    result = run_pytest("--collect-only", "--concurrency", "4:1")
+    assert result.returncode == 4
+    assert "--concurrency '4:1': need 0 < start <= end and step > 0" in result.stderr

@@ -1,0 +1,206 @@
+"""The local provider and the Python-based onnxruntime backend, on a real tritonserver with tiny ONNX models.
+
+Each config below exercises one thing the backend must honour or one failure a user must understand.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from onnx import TensorProto, helper
+
+from fixtures.servers.base import ServerStartError
+from fixtures.servers.local import LocalProvider, LocalServer
+
+DOUBLER_IO = """
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+CONFIGS = {
+    "doubler": f"""
+name: "doubler"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+{DOUBLER_IO}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+parameters {{ key: "intra_op_thread_count" value: {{ string_value: "1" }} }}
+optimization {{ graph {{ level: 1 }} }}
+""",
+    "batcher": f"""
+name: "batcher"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+{DOUBLER_IO}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 300000 }}
+""",
+    "wants_openvino": f"""
+name: "wants_openvino"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+{DOUBLER_IO}
+optimization {{ execution_accelerators {{ cpu_execution_accelerator: [ {{ name: "openvino" }} ] }} }}
+""",
+    "wants_gpu": f"""
+name: "wants_gpu"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+{DOUBLER_IO}
+instance_group [ {{ kind: KIND_GPU count: 1 gpus: [ 0 ] }} ]
+""",
+    "no_model_file": f"""
+name: "no_model_file"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+{DOUBLER_IO}
+""",
+    "wrong_input": """
+name: "wrong_input"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "z" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+""",
+    "wrong_type": """
+name: "wrong_type"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "x" data_type: TYPE_INT64 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+""",
+}
+
+
+def doubler_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "doubler",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])],
+        initializer=[helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repository")
+    for name, config in CONFIGS.items():
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(config)
+        if name != "no_model_file":
+            onnx.save_model(doubler_model(), str(root / name / "1" / "model.onnx"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    with LocalProvider(tmp_path_factory.mktemp("server")).start(repository) as running:
+        yield running
+    assert running.process.poll() is not None  # stopped and reaped when the context exits
+
+
+def test_grpc_and_http_equal_in_process_onnxruntime(server: LocalServer) -> None:
+    server.load_model("doubler")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    expected = onnxruntime.InferenceSession(doubler_model().SerializeToString()).run(None, {"x": x})[0]
+    for module, url in ((triton_grpc, server.endpoints.grpc_url), (triton_http, server.endpoints.http_url)):
+        client = module.InferenceServerClient(url)
+        request = module.InferInput("x", list(x.shape), "FP32")
+        request.set_data_from_numpy(x)
+        np.testing.assert_array_equal(client.infer("doubler", [request]).as_numpy("y"), expected)
+        client.close()
+
+
+def test_thread_count_and_graph_level_are_honoured(server: LocalServer) -> None:
+    server.load_model("doubler")
+    (line,) = [line for line in server.log_text().splitlines() if "onnxruntime backend: model 'doubler'" in line][:1]
+    assert "intra_op_num_threads 1" in line
+    assert "graph_optimization_level ORT_ENABLE_EXTENDED" in line
+    assert "providers ['CPUExecutionProvider']" in line
+
+
+def test_dynamic_batching_runs_one_onnxruntime_call_per_batch(server: LocalServer) -> None:
+    server.load_model("batcher")
+    barrier = threading.Barrier(6)
+
+    def send(value: float) -> None:
+        client = triton_grpc.InferenceServerClient(server.endpoints.grpc_url)
+        request = triton_grpc.InferInput("x", [1, 4], "FP32")
+        request.set_data_from_numpy(np.full((1, 4), value, dtype=np.float32))
+        barrier.wait()
+        result = client.infer("batcher", [request]).as_numpy("y")
+        np.testing.assert_array_equal(result, np.full((1, 4), 2 * value, dtype=np.float32))  # each gets its own rows
+
+    threads = [threading.Thread(target=send, args=(float(i),)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    client = triton_http.InferenceServerClient(server.endpoints.http_url)
+    (stats,) = client.get_inference_statistics("batcher")["model_stats"]
+    assert stats["inference_count"] == 6
+    assert stats["execution_count"] < 6  # requests were executed together
+
+
+def test_missing_provider_names_it_and_the_config_field(server: LocalServer) -> None:
+    with pytest.raises(ServerStartError) as error:
+        server.load_model("wants_openvino")
+    message = str(error.value)
+    assert "Triton failed to load model 'wants_openvino'" in message
+    assert "cpu_execution_accelerator[0] 'openvino' needs ONNX Runtime's OpenVINOExecutionProvider" in message
+    assert "pip install" in message or "install onnxruntime-openvino" in message
+
+
+def test_gpu_instance_on_a_host_without_one_fails_to_load_clearly(server: LocalServer) -> None:
+    with pytest.raises(ServerStartError) as error:
+        server.load_model("wants_gpu")
+    message = str(error.value)
+    assert "Triton failed to load model 'wants_gpu'" in message
+    # Triton itself refuses a GPU id it cannot see; with GPUs but a CPU-only onnxruntime, the backend names
+    # the missing CUDAExecutionProvider instead.
+    assert "gpu" in message.lower()
+    assert "Server log lines about 'wants_gpu'" in message
+
+
+def test_missing_model_file_names_the_path(server: LocalServer, repository: Path) -> None:
+    with pytest.raises(ServerStartError, match=r"no model file at .*no_model_file/1/model\.onnx"):
+        server.load_model("no_model_file")
+
+
+def test_config_that_disagrees_with_the_graph_names_the_field(server: LocalServer) -> None:
+    with pytest.raises(ServerStartError, match=r"input\[0\] name 'z' is not an input of .*\(it has x\)"):
+        server.load_model("wrong_input")
+    with pytest.raises(ServerStartError, match=r"input\[0\] 'x' data_type is TYPE_INT64 but .* has tensor\(float\)"):
+        server.load_model("wrong_type")
+
+
+def test_a_port_in_use_is_reported_with_the_fix(repository: Path, tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        expected = rf"http port {port} on 127\.0\.0\.1 is already in use; .*choose another"
+        with pytest.raises(ServerStartError, match=expected), LocalProvider(tmp_path, http_port=port).start(repository):
+            pass
+
+
+def test_a_server_that_never_becomes_ready_times_out_with_its_log_and_is_stopped(
+    repository: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ServerStartError) as error, LocalProvider(tmp_path, startup_timeout_s=0.05).start(repository):
+        pass
+    assert "was not ready after 0 s (raise --server-timeout" in str(error.value)
+    assert "Its log ends with:" in str(error.value)
+    running = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert running == []  # the half-started tritonserver was stopped, not left behind
