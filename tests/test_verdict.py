@@ -83,3 +83,16 @@ def test_compare_level_judges_gated_metrics_with_the_larger_of_both_runs_spreads
     assert verdicts["throughput_infer_per_s"].spread_pct == 25.0  # the baseline's noise
     assert verdicts["throughput_infer_per_s"].status is VerdictStatus.INCONCLUSIVE
     assert verdicts["latency_p99_ms"].status is VerdictStatus.REGRESSION
+
+
+def test_p99_of_few_requests_is_never_a_failure() -> None:
+    from fixtures.verdict import MIN_REQUESTS_FOR_P99_VERDICT
+
+    baseline = {"latency_p99_ms": 100.0, "p99_spread_pct": 1.0}
+    few = {"latency_p99_ms": 150.0, "p99_spread_pct": 1.0, "request_count": MIN_REQUESTS_FOR_P99_VERDICT - 1.0}
+    (verdict,) = compare_level(baseline, few)
+    assert verdict.status is VerdictStatus.INCONCLUSIVE
+    assert "fewer than 100: reported, never failed on" in verdict.message
+    enough = {**few, "request_count": float(MIN_REQUESTS_FOR_P99_VERDICT)}
+    (verdict,) = compare_level(baseline, enough)
+    assert verdict.status is VerdictStatus.REGRESSION
