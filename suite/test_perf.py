@@ -12,8 +12,8 @@ import pytest
 
 from fixtures.baselines import BaselineError
 from fixtures.load import LoadLevel
-from fixtures.perf import PerfRun, RecordedOverRegression, UnstableMeasurement, missing_baseline_message
-from fixtures.plugin import ServedVariant
+from fixtures.perf import PerfRun, UnstableMeasurement
+from fixtures.plugin import ServedVariant, enforce_verdict
 
 pytestmark = pytest.mark.perf
 
@@ -37,20 +37,11 @@ def test_throughput_and_latency(
             ),
             stacklevel=1,
         )
-    if judged.baseline_metrics is None:
-        if perf_run.settings.update_baselines:
-            return  # recorded at the end of the session, once the correctness gates are known
-        message = missing_baseline_message(
-            served_variant.name, load_level.level_id, judged.baseline_path, list(pytestconfig.invocation_params.args)
-        )
-        if perf_run.settings.require_baselines:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    failed = judged.failed_verdicts
-    message = f"{served_variant.name} {load_level.level_id} regressed:\n" + "\n".join(v.message for v in failed)
-    if failed and perf_run.settings.update_baselines:
-        warnings.warn(
-            RecordedOverRegression(message + "\n(recorded as the new baseline: --update-baselines)"), stacklevel=1
-        )
-        return
-    assert not failed, message
+    enforce_verdict(
+        pytestconfig,
+        perf_run,
+        f"{served_variant.name} {load_level.level_id}",
+        judged.baseline_path,
+        judged.baseline_metrics,
+        judged.failed_verdicts,
+    )

@@ -5,14 +5,12 @@ They go into the report and the baselines (level "startup") and are judged like 
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
 from fixtures.baselines import BaselineError
 from fixtures.model import ModelDescription
-from fixtures.perf import STARTUP_LEVEL, PerfRun, RecordedOverRegression, missing_baseline_message
-from fixtures.plugin import SERVER_CHOICE_KEY, ServedVariant
+from fixtures.perf import STARTUP_LEVEL, PerfRun
+from fixtures.plugin import SERVER_CHOICE_KEY, ServedVariant, enforce_verdict
 from fixtures.repository import StagedRepository
 from fixtures.startup import ColdStart, measure_cold_start, measure_warm_up
 from fixtures.workload import build_inputs
@@ -70,20 +68,11 @@ def test_startup_costs(
         pytest.fail(str(error), pytrace=False)
 
     assert all(seconds > 0 for seconds in warm_up.load_s)
-    if result.baseline_metrics is None:
-        if perf_run.settings.update_baselines:
-            return
-        message = missing_baseline_message(
-            served_variant.name, STARTUP_LEVEL, result.baseline_path, list(pytestconfig.invocation_params.args)
-        )
-        if perf_run.settings.require_baselines:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    failed = result.failed_verdicts
-    message = f"{served_variant.name} start-up regressed:\n" + "\n".join(v.message for v in failed)
-    if failed and perf_run.settings.update_baselines:
-        warnings.warn(
-            RecordedOverRegression(message + "\n(recorded as the new baseline: --update-baselines)"), stacklevel=1
-        )
-        return
-    assert not failed, message
+    enforce_verdict(
+        pytestconfig,
+        perf_run,
+        f"{served_variant.name} {STARTUP_LEVEL}",
+        result.baseline_path,
+        result.baseline_metrics,
+        result.failed_verdicts,
+    )
