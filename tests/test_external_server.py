@@ -81,7 +81,7 @@ def test_an_unready_variant_is_reported_not_loaded(running_server: LocalServer) 
             v for v in discover_variants(REPOSITORY_ROOT / "model_repository") if v.name == "base_model_gpu"
         ]
         with pytest.raises(ServerStartError, match="'base_model_gpu' is not ready on the external server"):
-            server.check_variant(gpu_variant)
+            server.prepare_variant(gpu_variant)
     assert not running_server.is_model_ready("base_model_gpu")  # nothing was loaded on someone else's server
 
 
