@@ -1,0 +1,62 @@
+"""Per-variant load settings ride in the variant's own config.pbtxt; the command line overrides them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fixtures.load import LoadSettings
+from fixtures.perf import PerfConfigError, PerfSettings, variant_levels, variant_tolerance_pct
+from fixtures.repository import discover_variants, load_variant
+
+SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+DEFAULTS = PerfSettings(load=LoadSettings(), concurrency=None, request_rate=None, tolerance_pct=None)
+
+
+def variant_with(tmp_path: Path, parameters: str):
+    folder = tmp_path / "v"
+    folder.mkdir()
+    (folder / "config.pbtxt").write_text(f'name: "v"\nplatform: "onnxruntime_onnx"\n{parameters}\n')
+    return load_variant(folder)
+
+
+def test_seed_variants_sweep_what_the_seed_swept() -> None:
+    variants = {v.name: v for v in discover_variants(SEED_REPOSITORY)}
+    assert [level.level_id for level in variant_levels(variants["base_model_cpu"], DEFAULTS)] == [
+        "concurrency=1",
+        "concurrency=2",
+        "concurrency=3",
+        "concurrency=4",
+    ]
+    assert len(variant_levels(variants["base_model_gpu"], DEFAULTS)) == 8  # its bench_concurrency "1:8:1"
+
+
+def test_config_parameters_and_their_override(tmp_path: Path) -> None:
+    variant = variant_with(
+        tmp_path,
+        'parameters { key: "bench_concurrency" value: { string_value: "2:4:2" } }\n'
+        'parameters { key: "bench_request_rate" value: { string_value: "5" } }\n'
+        'parameters { key: "bench_tolerance_pct" value: { string_value: "25" } }',
+    )
+    assert [level.level_id for level in variant_levels(variant, DEFAULTS)] == [
+        "concurrency=2",
+        "concurrency=4",
+        "request_rate=5",
+    ]
+    assert variant_tolerance_pct(variant, DEFAULTS) == 25.0
+    overridden = PerfSettings(load=LoadSettings(), concurrency="1", request_rate=None, tolerance_pct=5.0)
+    assert [level.level_id for level in variant_levels(variant, overridden)] == ["concurrency=1", "request_rate=5"]
+    assert variant_tolerance_pct(variant, overridden) == 5.0
+
+
+def test_bad_parameters_name_the_config_file(tmp_path: Path) -> None:
+    bad_range = variant_with(tmp_path, 'parameters { key: "bench_concurrency" value: { string_value: "4:1" } }')
+    with pytest.raises(PerfConfigError, match=r"v/config\.pbtxt: --concurrency '4:1'"):
+        variant_levels(bad_range, DEFAULTS)
+    (tmp_path / "t").mkdir()
+    bad_tolerance = variant_with(
+        tmp_path / "t", 'parameters { key: "bench_tolerance_pct" value: { string_value: "lots" } }'
+    )
+    with pytest.raises(PerfConfigError, match=r"parameters 'bench_tolerance_pct' is 'lots'; it must be a number"):
+        variant_tolerance_pct(bad_tolerance, DEFAULTS)
