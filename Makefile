@@ -19,16 +19,18 @@ install: $(STAMP)
 # The tests: machinery unit tests plus the whole suite end to end on the tiny model through a real Triton,
 # with the local provider; then the suite again through the container provider when a Docker engine answers.
 test: $(STAMP)
-	$(VENV)/bin/pytest --model tiny --server local $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --model tiny --server local --sweep-variant base_model_cpu $(PYTEST_ARGS)
 	@if $(PYTHON) -c "from fixtures.servers.container import docker_available as a; raise SystemExit(not a())"; then \
 		$(VENV)/bin/pytest suite --model tiny --server container $(PYTEST_ARGS); \
 	else \
 		echo "No Docker engine answers: the container-provider pass was not run (start one: sudo server/docker_engine.sh)"; \
 	fi
 
-# The main job: the CPU suite on the BLIP-base architecture, with its report.
+# The main job: the CPU suite on the BLIP-base architecture, with its report: every variant this host can
+# serve (FP32, INT8, the distilled student, the split captioner; GPU variants skip without a GPU) and the
+# batching sweep around base_model_cpu, best config under a 2.5 s p99 budget.
 bench: $(STAMP)
-	$(VENV)/bin/pytest suite --model base --variant base_model_cpu --server local $(PYTEST_ARGS)
+	$(VENV)/bin/pytest suite --model base --server local --sweep-variant base_model_cpu --latency-budget-ms 2500 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,17 @@ from pathlib import Path
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SEED_VARIANTS = ("base_model_cpu", "base_model_gpu", "base_model_multi_gpu", "trt_model")
+REPOSITORY_VARIANTS = (
+    "base_model_cpu",
+    "base_model_cpu_int8",
+    "base_model_gpu",
+    "base_model_multi_gpu",
+    "blip_caption",
+    "blip_caption_decoder",
+    "blip_caption_vision",
+    "student_model_cpu",
+    "trt_model",
+)
 
 
 def run_pytest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -56,7 +67,7 @@ def test_gpu_variants_are_skipped_naming_the_missing_hardware() -> None:
 def test_unknown_variant_is_a_usage_error_listing_the_known_ones() -> None:
     result = run_pytest("--collect-only", "--variant", "base_model_tpu")
     assert result.returncode == 4  # pytest's usage-error exit code
-    assert "unknown --variant base_model_tpu; this repository has: " + ", ".join(SEED_VARIANTS) in result.stderr
+    assert "unknown --variant base_model_tpu; this repository has: " + ", ".join(REPOSITORY_VARIANTS) in result.stderr
     assert "Traceback" not in result.stderr
 
 

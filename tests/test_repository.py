@@ -8,12 +8,17 @@ from pathlib import Path
 import pytest
 
 from fixtures.repository import (
+    CAPTIONER_ROLE,
+    COMPONENT_ROLE,
+    LOGITS_ROLE,
     ConfigError,
     discover_variants,
     load_variant,
     select_variants,
+    stage_generated,
     stage_repository,
     unmet_requirements,
+    with_composing_models,
 )
 
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -35,9 +40,9 @@ def write_variant(repository: Path, name: str, extra: str = "", text: str | None
     return folder
 
 
-def test_seed_repository_has_the_four_variants_with_needs_from_their_configs() -> None:
+def test_seed_repository_has_its_variants_with_needs_from_their_configs() -> None:
     variants = {v.name: v for v in discover_variants(SEED_REPOSITORY)}
-    assert sorted(variants) == ["base_model_cpu", "base_model_gpu", "base_model_multi_gpu", "trt_model"]
+    assert {"base_model_cpu", "base_model_gpu", "base_model_multi_gpu", "trt_model"} <= set(variants)
     assert variants["base_model_cpu"].requirements.gpu_count == 0
     assert variants["base_model_gpu"].requirements.gpu_count == 1
     assert variants["base_model_multi_gpu"].requirements.gpu_count == 2
@@ -113,7 +118,7 @@ def test_unknown_variant_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError) as error:
         select_variants(variants, ["base_model_cpu", "no_such_variant"])
     assert "unknown --variant no_such_variant" in str(error.value)
-    assert "base_model_cpu, base_model_gpu, base_model_multi_gpu, trt_model" in str(error.value)
+    assert "base_model_cpu, base_model_cpu_int8, base_model_gpu" in str(error.value)
     assert [v.name for v in select_variants(variants, ["trt_model", "base_model_cpu"])] == [
         "trt_model",
         "base_model_cpu",
@@ -166,3 +171,70 @@ def write_artifact(directory: Path) -> Path:
     path = directory / "model.onnx"
     path.write_bytes(b"our graph")
     return path
+
+
+def test_roles_artifacts_and_composing_models_of_the_repository_come_from_the_configs() -> None:
+    variants = {v.name: v for v in discover_variants(SEED_REPOSITORY)}
+    assert variants["base_model_cpu"].role == LOGITS_ROLE
+    assert variants["base_model_cpu"].artifact == "fp32"
+    assert variants["base_model_cpu_int8"].artifact == "int8"
+    assert variants["student_model_cpu"].artifact == "student"
+    captioner = variants["blip_caption"]
+    assert captioner.role == CAPTIONER_ROLE
+    assert captioner.decoupled
+    assert captioner.composing_models == ("blip_caption_vision", "blip_caption_decoder")
+    assert variants["blip_caption_decoder"].role == COMPONENT_ROLE  # logits out, but no pixel_values in
+    assert variants["blip_caption_vision"].artifact == "vision_encoder"
+    assert [p.name for p in captioner.own_model_files] == ["model.py"]
+
+
+def test_selecting_a_captioner_stages_the_models_it_calls() -> None:
+    repository = discover_variants(SEED_REPOSITORY)
+    staged = with_composing_models(select_variants(repository, ["blip_caption", "base_model_cpu"]), repository)
+    assert sorted(v.name for v in staged) == [
+        "base_model_cpu",
+        "blip_caption",
+        "blip_caption_decoder",
+        "blip_caption_vision",
+    ]
+
+
+def test_a_composing_model_missing_from_the_repository_is_a_config_error(tmp_path: Path) -> None:
+    write_variant(
+        tmp_path,
+        "caller",
+        text="""name: "caller"
+backend: "python"
+parameters { key: "text_decoder_model" value: { string_value: "nowhere" } }
+""",
+    )
+    with pytest.raises(
+        ConfigError, match=r"caller/config.pbtxt: calls nowhere, which .* does not hold; add nowhere/config.pbtxt"
+    ):
+        discover_variants(tmp_path)
+
+
+def test_an_unknown_artifact_is_a_config_error_listing_the_known_ones(tmp_path: Path) -> None:
+    folder = write_variant(
+        tmp_path, "odd", extra='parameters { key: "bench_artifact" value: { string_value: "int4" } }'
+    )
+    with pytest.raises(
+        ConfigError, match=r"odd/config.pbtxt: parameters 'bench_artifact' is 'int4'; use one of 'fp32'"
+    ):
+        load_variant(folder)
+
+
+def test_a_generated_variant_is_staged_as_triton_reads_it(tmp_path: Path) -> None:
+    base = load_variant(write_variant(tmp_path / "repo", "base"))
+    generated = type(base.config)()
+    generated.CopyFrom(base.config)
+    generated.name = "base__mbs2"
+    generated.max_batch_size = 2
+    artifact = write_artifact(tmp_path)
+
+    folder = stage_generated(tmp_path / "staged", generated, [artifact], "blip.onnx")
+
+    assert load_variant(folder).config.max_batch_size == 2
+    assert (folder / "1" / "blip.onnx").read_bytes() == b"our graph"
+    with pytest.raises(ConfigError, match="must be unique"):
+        stage_generated(tmp_path / "staged", generated, [artifact])

@@ -1,0 +1,81 @@
+"""Caption latency both ways Triton can serve BLIP, same run, same machine: the monolithic model driven one
+request per token from the client, and a captioner decoding server-side with a KV cache, tokens streamed.
+
+genai-perf's metrics (request latency per caption, time to first token, inter-token latency, output tokens/s)
+over --caption-repeats captions of --caption-tokens tokens (end token ignored), judged against the baseline.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.baselines import BaselineError
+from fixtures.caption import CaptionerClient, caption_through_triton
+from fixtures.caption_latency import CAPTION_LEVEL, CaptionLatency
+from fixtures.client import TritonInferClient
+from fixtures.model import ModelDescription
+from fixtures.perf import PerfRun
+from fixtures.plugin import ServedVariant, enforce_verdict
+from fixtures.workload import load_image, preprocess
+
+pytestmark = pytest.mark.perf
+
+IMAGE = "astronaut"
+
+
+def judge(latency: CaptionLatency, served: ServedVariant, perf_run: PerfRun, run_record, config: pytest.Config) -> None:
+    assert all(len(caption.generated_ids) == latency.output_tokens for caption in latency.captions)
+    run_record.caption_latency[served.name] = latency
+    try:
+        result = perf_run.judge_startup(served.variant, latency.metrics(), CAPTION_LEVEL)
+    except BaselineError as error:
+        pytest.fail(str(error), pytrace=False)
+    enforce_verdict(
+        config,
+        perf_run,
+        f"{served.name} {CAPTION_LEVEL}",
+        result.baseline_path,
+        result.baseline_metrics,
+        result.failed_verdicts,
+    )
+
+
+def test_monolithic_caption_latency(
+    served_variant: ServedVariant,
+    model_description: ModelDescription,
+    bench_options,
+    perf_run: PerfRun,
+    run_record,
+    pytestconfig: pytest.Config,
+) -> None:
+    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc") as client:
+        caption_through_triton(client, served_variant.name, model_description, pixel_values, 2, True)  # warm-up
+        captions = tuple(
+            caption_through_triton(
+                client, served_variant.name, model_description, pixel_values, bench_options.caption_tokens, True
+            )
+            for _ in range(bench_options.caption_repeats)
+        )
+    latency = CaptionLatency(served_variant.name, "monolithic (one request per token)", captions)
+    judge(latency, served_variant, perf_run, run_record, pytestconfig)
+
+
+def test_captioner_caption_latency(
+    served_captioner: ServedVariant,
+    model_description: ModelDescription,
+    bench_options,
+    perf_run: PerfRun,
+    run_record,
+    pytestconfig: pytest.Config,
+) -> None:
+    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    bos = model_description.special_tokens.bos_token_id
+    with CaptionerClient(served_captioner.server.endpoints.grpc_url) as client:
+        client.caption(served_captioner.name, pixel_values, bos, 2, True)  # warm-up
+        captions = tuple(
+            client.caption(served_captioner.name, pixel_values, bos, bench_options.caption_tokens, True)
+            for _ in range(bench_options.caption_repeats)
+        )
+    way = "captioner (streamed)" if served_captioner.variant.decoupled else "captioner (one response)"
+    judge(CaptionLatency(served_captioner.name, way, captions), served_captioner, perf_run, run_record, pytestconfig)
