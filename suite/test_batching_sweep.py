@@ -1,5 +1,5 @@
 """A Model-Analyzer-style sweep around one variant: its config regenerated over batching and instance settings,
-each point checked for correctness, then measured by the load generator; the report names the throughput /
+each point checked for correctness, then measured by the load generator beside the config as given; the report names the throughput /
 p99 frontier and the best config under --latency-budget-ms, and writes that config.pbtxt.
 
 Exploration, not regression: sweep points are never stored as baselines.
@@ -16,7 +16,7 @@ from fixtures.plugin import SERVER_CHOICE_KEY, perf_settings
 from fixtures.reference import ReferenceSessions, reference_model_path
 from fixtures.repository import StagedRepository, Variant, stage_generated
 from fixtures.servers.base import RunningServer
-from fixtures.sweep import SweepMeasurement, parse_grid, sweep_points, write_sweep_report
+from fixtures.sweep import SweepMeasurement, as_given_point, parse_grid, sweep_points, write_sweep_report
 from fixtures.workload import build_inputs
 
 pytestmark = pytest.mark.perf
@@ -35,7 +35,11 @@ def test_batching_and_instance_sweep(
 ) -> None:
     if pytestconfig.stash[SERVER_CHOICE_KEY].kind == "external":
         pytest.skip("--server external: the sweep writes configs into the server's repository, which it does not own")
-    points = sweep_points(swept_variant.name, swept_variant.config, parse_grid(bench_options.sweep_grid))
+    grid = parse_grid(bench_options.sweep_grid)
+    points = [
+        as_given_point(swept_variant.name, swept_variant.config),
+        *sweep_points(swept_variant.name, swept_variant.config, grid),
+    ]
     model_file = reference_model_path(swept_variant, model_artifacts)
     files = sorted(p for p in model_file.parent.iterdir() if p.name.startswith(model_file.name))
     settings = perf_settings(bench_options).load

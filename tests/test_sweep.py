@@ -23,6 +23,7 @@ from fixtures.sweep import (
     SweepError,
     SweepGrid,
     SweepMeasurement,
+    as_given_point,
     best_under_budget,
     config_text,
     pareto_frontier,
@@ -442,3 +443,17 @@ def test_measurements_of_an_unknown_config_are_refused(base_config, tmp_path) ->
     points, _ = _swept(base_config)
     with pytest.raises(SweepError, match=r"measurements name elsewhere, which are not among the swept points"):
         write_sweep_report(tmp_path, BASE, points, [measurement("elsewhere", 1.0, 1.0)], None)
+
+
+def test_the_config_as_given_is_a_point_of_its_own(base_config) -> None:
+    point = as_given_point(BASE, base_config)
+    expected = type(base_config)()
+    expected.CopyFrom(base_config)
+    expected.name = f"{BASE}__as_given"
+    assert point.config == expected  # nothing but the name changes
+    assert point.config is not base_config and base_config.name != point.name
+    assert (point.max_batch_size, point.dynamic_batching, point.instance_count) == (8, True, 1)
+    assert point.preferred_batch_size == (1, 2, 4, 8)
+    assert point.max_queue_delay_microseconds == 1000
+    assert point.intra_op_thread_count == 0  # ONNX Runtime's default
+    assert point.name not in {p.name for p in sweep_points(BASE, base_config, DEFAULT_GRID)}
