@@ -41,7 +41,8 @@ def test_sigint_mid_sweep_leaves_no_server_behind(server: str, tmp_path: Path) -
             f"--basetemp={basetemp}", f"--report-dir={tmp_path / 'report'}", "suite/test_perf.py",
         ],
         cwd=REPOSITORY_ROOT,
-        env={k: v for k, v in os.environ.items() if k != "CI"},
+        # unbuffered: the first [perf] line must reach us while the sweep runs, not in the final flush
+        env={**{k: v for k, v in os.environ.items() if k != "CI"}, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
