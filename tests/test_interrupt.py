@@ -43,6 +43,9 @@ def test_sigint_mid_sweep_leaves_no_server_behind(server: str, tmp_path: Path) -
         cwd=REPOSITORY_ROOT,
         # unbuffered: the first [perf] line must reach us while the sweep runs, not in the final flush
         env={**{k: v for k, v in os.environ.items() if k != "CI"}, "PYTHONUNBUFFERED": "1"},
+        # a shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt
+        # handler: give the child the default disposition, as a terminal's Ctrl-C would find it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
