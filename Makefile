@@ -20,7 +20,7 @@ install: $(STAMP)
 # with the local provider; then the suite again through the container provider when a Docker engine answers.
 test: $(STAMP)
 	$(VENV)/bin/pytest --model tiny --server local --sweep-variant base_model_cpu $(PYTEST_ARGS)
-	@if $(PYTHON) -c "from fixtures.servers.container import docker_available as a; raise SystemExit(not a())"; then \
+	@if $(PYTHON) -c "from blip_triton_bench.servers.container import docker_available as a; raise SystemExit(not a())"; then \
 		$(VENV)/bin/pytest suite --model tiny --server container $(PYTEST_ARGS); \
 	else \
 		echo "No Docker engine answers: the container-provider pass was not run (start one: sudo server/docker_engine.sh)"; \

@@ -1,3 +1,1 @@
-"""Registers the blip-triton-bench pytest plugin; everything else lives in fixtures/."""
-
-pytest_plugins = ["fixtures.plugin"]
+"""Project-local pytest settings only: the plugin registers itself through the pytest11 entry point."""

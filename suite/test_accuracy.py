@@ -2,7 +2,7 @@
 logit cosine similarity (teacher-forced), and greedy-caption exact match.
 
 Variants served with a lossy artifact (INT8, a student) are measured, not held to FP32 tolerance; the
-thresholds they must meet live in fixtures/correctness.py (AGREEMENT_THRESHOLDS) with the reason for each.
+thresholds they must meet live in blip_triton_bench/correctness.py (AGREEMENT_THRESHOLDS) with the reason for each.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fixtures.agreement import caption_exact_match, check_agreement
-from fixtures.caption import caption_through_triton, greedy_caption
-from fixtures.client import TritonInferClient
-from fixtures.correctness import AGREEMENT_THRESHOLDS, threshold_for_artifact
-from fixtures.model import ModelDescription
-from fixtures.plugin import ServedVariant
-from fixtures.reference import ReferenceSessions
-from fixtures.workload import ModelInputs, load_image, preprocess, token_ids
+from blip_triton_bench.agreement import caption_exact_match, check_agreement
+from blip_triton_bench.caption import caption_through_triton, greedy_caption
+from blip_triton_bench.client import TritonInferClient
+from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS, threshold_for_artifact
+from blip_triton_bench.model import ModelDescription
+from blip_triton_bench.fixtures.plugin import ServedVariant
+from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
 
 pytestmark = pytest.mark.correctness
 

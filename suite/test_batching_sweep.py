@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.client import TritonInferClient
-from fixtures.correctness import assert_close, serving_tolerance
-from fixtures.load import concurrency_levels, measure_level
-from fixtures.plugin import SERVER_CHOICE_KEY, perf_settings
-from fixtures.reference import ReferenceSessions, reference_model_path
-from fixtures.repository import StagedRepository, Variant, stage_generated
-from fixtures.servers.base import RunningServer
-from fixtures.sweep import SweepMeasurement, as_given_point, parse_grid, sweep_points, write_sweep_report
-from fixtures.workload import build_inputs
+from blip_triton_bench.client import TritonInferClient
+from blip_triton_bench.correctness import assert_close, serving_tolerance
+from blip_triton_bench.load import concurrency_levels, measure_level
+from blip_triton_bench.fixtures.plugin import SERVER_CHOICE_KEY, perf_settings
+from blip_triton_bench.reference import ReferenceSessions, reference_model_path
+from blip_triton_bench.repository import StagedRepository, Variant, stage_generated
+from blip_triton_bench.servers.base import RunningServer
+from blip_triton_bench.sweep import SweepMeasurement, as_given_point, parse_grid, sweep_points, write_sweep_report
+from blip_triton_bench.workload import build_inputs
 
 pytestmark = pytest.mark.perf
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.baselines import BaselineError
-from fixtures.caption import CaptionerClient, caption_through_triton
-from fixtures.caption_latency import CAPTION_LEVEL, CaptionLatency
-from fixtures.client import TritonInferClient
-from fixtures.model import ModelDescription
-from fixtures.perf import PerfRun
-from fixtures.plugin import ServedVariant, enforce_verdict
-from fixtures.workload import load_image, preprocess
+from blip_triton_bench.baselines import BaselineError
+from blip_triton_bench.caption import CaptionerClient, caption_through_triton
+from blip_triton_bench.caption_latency import CAPTION_LEVEL, CaptionLatency
+from blip_triton_bench.client import TritonInferClient
+from blip_triton_bench.model import ModelDescription
+from blip_triton_bench.perf import PerfRun
+from blip_triton_bench.fixtures.plugin import ServedVariant, enforce_verdict
+from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.perf
 

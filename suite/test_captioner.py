@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.caption import CaptionerClient, greedy_caption
-from fixtures.caption import main as caption_main
-from fixtures.client import InferenceError
-from fixtures.model import LoadedModel, generate_caption
-from fixtures.plugin import ServedVariant
-from fixtures.reference import ReferenceSessions
-from fixtures.workload import load_image, preprocess
+from blip_triton_bench.caption import CaptionerClient, greedy_caption
+from blip_triton_bench.caption import main as caption_main
+from blip_triton_bench.client import InferenceError
+from blip_triton_bench.model import LoadedModel, generate_caption
+from blip_triton_bench.fixtures.plugin import ServedVariant
+from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.correctness
 

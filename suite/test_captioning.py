@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.caption import caption_through_triton
-from fixtures.caption import main as caption_main
-from fixtures.client import TritonInferClient
-from fixtures.model import LoadedModel, generate_caption
-from fixtures.plugin import ServedVariant
-from fixtures.workload import load_image, preprocess
+from blip_triton_bench.caption import caption_through_triton
+from blip_triton_bench.caption import main as caption_main
+from blip_triton_bench.client import TritonInferClient
+from blip_triton_bench.model import LoadedModel, generate_caption
+from blip_triton_bench.fixtures.plugin import ServedVariant
+from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.correctness
 

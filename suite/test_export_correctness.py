@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.correctness import TOLERANCES, assert_close
-from fixtures.model import LoadedModel
-from fixtures.reference import ReferenceSessions
-from fixtures.workload import build_inputs
+from blip_triton_bench.correctness import TOLERANCES, assert_close
+from blip_triton_bench.model import LoadedModel
+from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.workload import build_inputs
 
 pytestmark = pytest.mark.correctness
 

@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 
-from fixtures.baselines import BaselineError
-from fixtures.load import LoadLevel
-from fixtures.perf import PerfRun, UnstableMeasurement
-from fixtures.plugin import ServedVariant, enforce_verdict
+from blip_triton_bench.baselines import BaselineError
+from blip_triton_bench.load import LoadLevel
+from blip_triton_bench.perf import PerfRun, UnstableMeasurement
+from blip_triton_bench.fixtures.plugin import ServedVariant, enforce_verdict
 
 pytestmark = pytest.mark.perf
 

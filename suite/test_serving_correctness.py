@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.client import TritonInferClient
-from fixtures.correctness import assert_close, serving_tolerance
-from fixtures.model import ModelDescription
-from fixtures.plugin import ServedVariant
-from fixtures.reference import ReferenceSessions
-from fixtures.workload import build_inputs
+from blip_triton_bench.client import TritonInferClient
+from blip_triton_bench.correctness import assert_close, serving_tolerance
+from blip_triton_bench.model import ModelDescription
+from blip_triton_bench.fixtures.plugin import ServedVariant
+from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.workload import build_inputs
 
 pytestmark = pytest.mark.correctness
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.baselines import BaselineError
-from fixtures.model import ModelDescription
-from fixtures.perf import STARTUP_LEVEL, PerfRun
-from fixtures.plugin import SERVER_CHOICE_KEY, ServedVariant, enforce_verdict
-from fixtures.repository import StagedRepository
-from fixtures.startup import ColdStart, measure_cold_start, measure_warm_up
-from fixtures.workload import build_inputs
+from blip_triton_bench.baselines import BaselineError
+from blip_triton_bench.model import ModelDescription
+from blip_triton_bench.perf import STARTUP_LEVEL, PerfRun
+from blip_triton_bench.fixtures.plugin import SERVER_CHOICE_KEY, ServedVariant, enforce_verdict
+from blip_triton_bench.repository import StagedRepository
+from blip_triton_bench.startup import ColdStart, measure_cold_start, measure_warm_up
+from blip_triton_bench.workload import build_inputs
 
 pytestmark = pytest.mark.perf
 
@@ -29,7 +29,7 @@ def cold_start(
     tmp_path_factory: pytest.TempPathFactory,
     run_record,
 ) -> ColdStart:
-    from fixtures.servers.choice import make_provider
+    from blip_triton_bench.servers.choice import make_provider
 
     choice = pytestconfig.stash[SERVER_CHOICE_KEY]
     if choice.kind == "external":

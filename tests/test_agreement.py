@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fixtures.agreement import (
+from blip_triton_bench.agreement import (
     AgreementBelowThreshold,
     caption_exact_match,
     check_agreement,
@@ -14,7 +14,7 @@ from fixtures.agreement import (
     token_agreement,
     top1_agreement,
 )
-from fixtures.correctness import AGREEMENT_THRESHOLDS, AgreementThreshold, threshold_for_artifact
+from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS, AgreementThreshold, threshold_for_artifact
 
 STRICT = AgreementThreshold(name="strict_test", min_top1=0.9, min_cosine=0.99, why="a test threshold")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.baselines import (
+from blip_triton_bench.baselines import (
     SCHEMA_VERSION,
     Baseline,
     BaselineError,
@@ -50,8 +50,8 @@ def snapshot(path: Path) -> tuple[bytes, int]:
 
 
 def test_fingerprint_from_host_and_server(fingerprint: Fingerprint) -> None:
-    from fixtures.hardware import GpuInfo, HostInfo
-    from fixtures.servers.base import ServerDescription
+    from blip_triton_bench.hardware import GpuInfo, HostInfo
+    from blip_triton_bench.servers.base import ServerDescription
 
     host = HostInfo("Xeon", 32, (GpuInfo("NVIDIA H100", "560.35.03", 81559),) * 2, ("CPUExecutionProvider",))
     server = ServerDescription(provider="container", triton_version="2.52.0", image="nvcr.io/nvidia/tritonserver")
@@ -241,7 +241,7 @@ def test_record_command_adds_update_baselines_once() -> None:
 
 def test_pure_modules_import_nothing_from_pytest_triton_or_docker() -> None:
     code = (
-        "import sys, fixtures.stats, fixtures.verdict, fixtures.baselines\n"
+        "import sys, blip_triton_bench.stats, blip_triton_bench.verdict, blip_triton_bench.baselines\n"
         "heavy = {'pytest', 'tritonclient', 'docker', 'testcontainers', 'onnxruntime', 'torch'}\n"
         "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"
     )

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures.agreement import measure_agreement
-from fixtures.caption import Caption, greedy_caption
-from fixtures.caption_latency import CaptionLatency, caption_table, speedup
-from fixtures.load import CONCURRENCY, LoadLevel
-from fixtures.model import SpecialTokens
-from fixtures.report import ReportSection, write_report
-from fixtures.selection import choice_table, plot_accuracy_vs_speed, ratio_lines, summarize_variants
-from fixtures.verdict import VerdictStatus, compare_level
-from fixtures.workload import ModelInputs
+from blip_triton_bench.agreement import measure_agreement
+from blip_triton_bench.caption import Caption, greedy_caption
+from blip_triton_bench.caption_latency import CaptionLatency, caption_table, speedup
+from blip_triton_bench.load import CONCURRENCY, LoadLevel
+from blip_triton_bench.model import SpecialTokens
+from blip_triton_bench.report import ReportSection, write_report
+from blip_triton_bench.selection import choice_table, plot_accuracy_vs_speed, ratio_lines, summarize_variants
+from blip_triton_bench.verdict import VerdictStatus, compare_level
+from blip_triton_bench.workload import ModelInputs
 from tests.test_report import judged_level
 
 

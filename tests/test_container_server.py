@@ -19,11 +19,11 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from onnx import TensorProto, helper, numpy_helper
 
-from fixtures.correctness import TOLERANCES, assert_close
-from fixtures.image import CONTENT_HASH_LABEL, BuiltImage, ImageBuildError, ensure_image
-from fixtures.options import default_cache_dir
-from fixtures.servers.base import ServerStartError
-from fixtures.servers.container import CONTAINER_LABEL, ContainerProvider, docker_available
+from blip_triton_bench.correctness import TOLERANCES, assert_close
+from blip_triton_bench.image import CONTENT_HASH_LABEL, BuiltImage, ImageBuildError, ensure_image
+from blip_triton_bench.options import default_cache_dir
+from blip_triton_bench.servers.base import ServerStartError
+from blip_triton_bench.servers.container import CONTAINER_LABEL, ContainerProvider, docker_available
 
 pytestmark = pytest.mark.skipif(
     not docker_available(),

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fixtures.correctness import TOLERANCES, OutputMismatch, Tolerance, assert_close, compare_outputs, serving_tolerance
+from blip_triton_bench.correctness import (
+    TOLERANCES,
+    OutputMismatch,
+    Tolerance,
+    assert_close,
+    compare_outputs,
+    serving_tolerance,
+)
 
 STRICT = Tolerance(name="strict", atol=1e-3, rtol=0.0, why="test")
 

@@ -8,9 +8,9 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from fixtures.export import ExportError, export_model
-from fixtures.model import LoadedModel, ModelSourceError, ModelSpec, describe_model, load_model
-from fixtures.workload import build_inputs
+from blip_triton_bench.export import ExportError, export_model
+from blip_triton_bench.model import LoadedModel, ModelSourceError, ModelSpec, describe_model, load_model
+from blip_triton_bench.workload import build_inputs
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from fixtures.export import export_model
-from fixtures.model import ModelSpec, load_model
-from fixtures.repository import discover_variants, stage_repository
-from fixtures.servers.base import ServerStartError
-from fixtures.servers.external import ExternalProvider, config_differences, external_endpoints
-from fixtures.servers.local import LocalProvider, LocalServer
+from blip_triton_bench.export import export_model
+from blip_triton_bench.model import ModelSpec, load_model
+from blip_triton_bench.repository import discover_variants, stage_repository
+from blip_triton_bench.servers.base import ServerStartError
+from blip_triton_bench.servers.external import ExternalProvider, config_differences, external_endpoints
+from blip_triton_bench.servers.local import LocalProvider, LocalServer
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPOSITORY_ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fixtures.hardware import GpuInfo, parse_nvidia_smi, probe_host, read_cpu_model
+from blip_triton_bench.hardware import GpuInfo, parse_nvidia_smi, probe_host, read_cpu_model
 
 
 def test_nvidia_smi_csv_is_parsed() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.hardware import GpuInfo, HostInfo
-from fixtures.image import (
+from blip_triton_bench.hardware import GpuInfo, HostInfo
+from blip_triton_bench.image import (
     CPU_IMAGE_REPOSITORY,
     DEFAULT_DEBIAN_MIRROR,
     ImageBuildError,
@@ -17,8 +17,8 @@ from fixtures.image import (
     debian_mirror,
     default_server_dir,
 )
-from fixtures.servers.base import ServerStartError
-from fixtures.servers.container import NGC_GPU_IMAGE, default_image, device_requests, resolve_gpus
+from blip_triton_bench.servers.base import ServerStartError
+from blip_triton_bench.servers.container import NGC_GPU_IMAGE, default_image, device_requests, resolve_gpus
 
 
 @pytest.fixture

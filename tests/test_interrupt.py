@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.servers.container import CONTAINER_LABEL, docker_available
+from blip_triton_bench.servers.container import CONTAINER_LABEL, docker_available
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fixtures.load import (
+from blip_triton_bench.load import (
     CONCURRENCY,
     REQUEST_RATE,
     LoadLevel,

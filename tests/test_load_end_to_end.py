@@ -14,9 +14,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fixtures.load import CONCURRENCY, REQUEST_RATE, LoadLevel, LoadSettings, measure_level
-from fixtures.servers.local import LocalProvider, LocalServer
-from fixtures.workload import ModelInputs
+from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, LoadSettings, measure_level
+from blip_triton_bench.servers.local import LocalProvider, LocalServer
+from blip_triton_bench.workload import ModelInputs
 
 FEATURES = 192  # 3 x 8 x 8 pixels
 LAYERS = 150

@@ -19,8 +19,8 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from onnx import TensorProto, helper
 
-from fixtures.servers.base import ServerStartError
-from fixtures.servers.local import LocalProvider, LocalServer
+from blip_triton_bench.servers.base import ServerStartError
+from blip_triton_bench.servers.local import LocalProvider, LocalServer
 
 DOUBLER_IO = """
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]

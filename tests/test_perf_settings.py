@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.load import LoadSettings
-from fixtures.perf import PerfConfigError, PerfSettings, variant_levels, variant_tolerance_pct
-from fixtures.repository import discover_variants, load_variant
+from blip_triton_bench.load import LoadSettings
+from blip_triton_bench.perf import PerfConfigError, PerfSettings, variant_levels, variant_tolerance_pct
+from blip_triton_bench.repository import discover_variants, load_variant
 
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 DEFAULTS = PerfSettings(load=LoadSettings(), concurrency=None, request_rate=None, tolerance_pct=None)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.load import CONCURRENCY, REQUEST_RATE, LevelMeasurement, LoadLevel, ServerStatistics
-from fixtures.perf import JudgedLevel
-from fixtures.report import markdown_table, serving_efficiency, write_report
-from fixtures.stats import WindowSample, assess_stability, summarize_level
-from fixtures.verdict import compare_level
+from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LevelMeasurement, LoadLevel, ServerStatistics
+from blip_triton_bench.perf import JudgedLevel
+from blip_triton_bench.report import markdown_table, serving_efficiency, write_report
+from blip_triton_bench.stats import WindowSample, assess_stability, summarize_level
+from blip_triton_bench.verdict import compare_level
 
 
 def judged_level(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.repository import (
+from blip_triton_bench.repository import (
     CAPTIONER_ROLE,
     COMPONENT_ROLE,
     LOGITS_ROLE,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from fixtures.caption import greedy_caption
-from fixtures.correctness import TOLERANCES, Tolerance, assert_close
-from fixtures.export import export_model
-from fixtures.model import LoadedModel, ModelSpec, load_model, weights_digest
-from fixtures.split_export import (
+from blip_triton_bench.caption import greedy_caption
+from blip_triton_bench.correctness import TOLERANCES, Tolerance, assert_close
+from blip_triton_bench.export import export_model
+from blip_triton_bench.model import LoadedModel, ModelSpec, load_model, weights_digest
+from blip_triton_bench.split_export import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     VISION_INPUT,
@@ -30,7 +30,7 @@ from fixtures.split_export import (
     greedy_caption_cached,
     onnxruntime_runners,
 )
-from fixtures.workload import ModelInputs, load_image, preprocess, token_ids
+from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
 
 MAX_NEW_TOKENS = 12
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fixtures.stats import (
+from blip_triton_bench.stats import (
     WindowSample,
     assess_stability,
     latency_percentile,

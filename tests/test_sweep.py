@@ -11,9 +11,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from fixtures.load import REQUEST_RATE
-from fixtures.repository import parse_config
-from fixtures.sweep import (
+from blip_triton_bench.load import REQUEST_RATE
+from blip_triton_bench.repository import parse_config
+from blip_triton_bench.sweep import (
     AUTO,
     BEST_CONFIG,
     CSV_COLUMNS,

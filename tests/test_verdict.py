@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.verdict import VerdictStatus, compare, compare_level
+from blip_triton_bench.verdict import VerdictStatus, compare, compare_level
 
 
 def test_a_20_percent_throughput_drop_with_small_spread_is_a_regression() -> None:
@@ -86,7 +86,7 @@ def test_compare_level_judges_gated_metrics_with_the_larger_of_both_runs_spreads
 
 
 def test_p99_of_few_requests_is_never_a_failure() -> None:
-    from fixtures.verdict import MIN_REQUESTS_FOR_P99_VERDICT
+    from blip_triton_bench.verdict import MIN_REQUESTS_FOR_P99_VERDICT
 
     baseline = {"latency_p99_ms": 100.0, "p99_spread_pct": 1.0}
     few = {"latency_p99_ms": 150.0, "p99_spread_pct": 1.0, "request_count": MIN_REQUESTS_FOR_P99_VERDICT - 1.0}
