@@ -15,8 +15,8 @@ from blip_triton_bench.caption import caption_through_triton, greedy_caption
 from blip_triton_bench.client import TritonInferClient
 from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS, threshold_for_artifact
 from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.fixtures.plugin import ServedVariant
 from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
 
 pytestmark = pytest.mark.correctness
@@ -60,7 +60,7 @@ def test_accuracy_against_fp32_teacher(
     model_description: ModelDescription,
     accuracy_inputs: list[ModelInputs],
     teacher_captions: list[tuple[int, ...]],
-    run_record,
+    bench_session,
 ) -> None:
     teacher = reference_sessions.for_export()
     with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc") as client:
@@ -74,10 +74,10 @@ def test_accuracy_against_fp32_teacher(
 
     threshold_name = threshold_for_artifact(served_variant.variant.artifact)
     threshold = AGREEMENT_THRESHOLDS[threshold_name] if threshold_name else None
-    run_record.caption_match[served_variant.name] = match
+    bench_session.caption_match[served_variant.name] = match
     agreement = check_agreement(f"{served_variant.name} logits vs FP32 teacher", served, expected, threshold)
-    run_record.accuracy[served_variant.name] = agreement
-    run_record.correctness.append(
+    bench_session.accuracy[served_variant.name] = agreement
+    bench_session.correctness.append(
         f"{served_variant.name} vs FP32 teacher ({served_variant.variant.artifact}): {agreement.describe()}; "
         f"caption exact match {match:.0%} over {len(IMAGES)} images"
         + (f" (threshold '{threshold_name}')" if threshold_name else " (measured; no threshold for this artifact)")

@@ -9,8 +9,8 @@ import pytest
 
 from blip_triton_bench.client import TritonInferClient
 from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.fixtures.plugin import ServedVariant
 from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import build_inputs
 
 pytestmark = pytest.mark.perf
@@ -28,10 +28,10 @@ def test_single_request_latency_through_triton(
 
 
 def test_in_process_onnxruntime_reference(
-    reference_sessions: ReferenceSessions, model_description: ModelDescription, bench_options, run_record, benchmark
+    reference_sessions: ReferenceSessions, model_description: ModelDescription, bench_options, bench_session, benchmark
 ) -> None:
     inputs = build_inputs(model_description, 1, bench_options.sequence_length).as_dict()
     session = reference_sessions.for_export()
     (logits,) = benchmark.pedantic(session.run, args=(["logits"], inputs), rounds=ROUNDS, warmup_rounds=1)
     assert logits.shape == (1, bench_options.sequence_length, model_description.vocab_size)
-    run_record.in_process_infer_per_s = 1.0 / benchmark.stats.stats.median
+    bench_session.in_process_infer_per_s = 1.0 / benchmark.stats.stats.median

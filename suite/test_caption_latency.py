@@ -14,8 +14,8 @@ from blip_triton_bench.caption import CaptionerClient, caption_through_triton
 from blip_triton_bench.caption_latency import CAPTION_LEVEL, CaptionLatency
 from blip_triton_bench.client import TritonInferClient
 from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.perf import PerfRun
-from blip_triton_bench.fixtures.plugin import ServedVariant, enforce_verdict
+from blip_triton_bench.perf import PerfRun, enforce_verdict
+from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.perf
@@ -23,21 +23,14 @@ pytestmark = pytest.mark.perf
 IMAGE = "astronaut"
 
 
-def judge(latency: CaptionLatency, served: ServedVariant, perf_run: PerfRun, run_record, config: pytest.Config) -> None:
+def judge(latency: CaptionLatency, served: ServedVariant, perf_run: PerfRun, bench_session) -> None:
     assert all(len(caption.generated_ids) == latency.output_tokens for caption in latency.captions)
-    run_record.caption_latency[served.name] = latency
+    bench_session.caption_latency[served.name] = latency
     try:
         result = perf_run.judge_startup(served.variant, latency.metrics(), CAPTION_LEVEL)
     except BaselineError as error:
         pytest.fail(str(error), pytrace=False)
-    enforce_verdict(
-        config,
-        perf_run,
-        f"{served.name} {CAPTION_LEVEL}",
-        result.baseline_path,
-        result.baseline_metrics,
-        result.failed_verdicts,
-    )
+    enforce_verdict(result, perf_run)
 
 
 def test_monolithic_caption_latency(
@@ -45,8 +38,7 @@ def test_monolithic_caption_latency(
     model_description: ModelDescription,
     bench_options,
     perf_run: PerfRun,
-    run_record,
-    pytestconfig: pytest.Config,
+    bench_session,
 ) -> None:
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc") as client:
@@ -58,7 +50,7 @@ def test_monolithic_caption_latency(
             for _ in range(bench_options.caption_repeats)
         )
     latency = CaptionLatency(served_variant.name, "monolithic (one request per token)", captions)
-    judge(latency, served_variant, perf_run, run_record, pytestconfig)
+    judge(latency, served_variant, perf_run, bench_session)
 
 
 def test_captioner_caption_latency(
@@ -66,8 +58,7 @@ def test_captioner_caption_latency(
     model_description: ModelDescription,
     bench_options,
     perf_run: PerfRun,
-    run_record,
-    pytestconfig: pytest.Config,
+    bench_session,
 ) -> None:
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     bos = model_description.special_tokens.bos_token_id
@@ -78,4 +69,4 @@ def test_captioner_caption_latency(
             for _ in range(bench_options.caption_repeats)
         )
     way = "captioner (streamed)" if served_captioner.variant.decoupled else "captioner (one response)"
-    judge(CaptionLatency(served_captioner.name, way, captions), served_captioner, perf_run, run_record, pytestconfig)
+    judge(CaptionLatency(served_captioner.name, way, captions), served_captioner, perf_run, bench_session)

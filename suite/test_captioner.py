@@ -9,8 +9,8 @@ from blip_triton_bench.caption import CaptionerClient, greedy_caption
 from blip_triton_bench.caption import main as caption_main
 from blip_triton_bench.client import InferenceError
 from blip_triton_bench.model import LoadedModel, generate_caption
-from blip_triton_bench.fixtures.plugin import ServedVariant
 from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.correctness
@@ -23,7 +23,7 @@ def test_captioner_tokens_equal_generate_and_monolithic_loop(
     served_captioner: ServedVariant,
     loaded_model: LoadedModel,
     reference_sessions: ReferenceSessions,
-    run_record,
+    bench_session,
     image_name: str,
 ) -> None:
     tokens = loaded_model.description.special_tokens
@@ -39,8 +39,8 @@ def test_captioner_tokens_equal_generate_and_monolithic_loop(
     assert list(served.token_ids) == expected, "the captioner's tokens differ from HF generate()"
     assert list(monolithic.token_ids) == expected, "the monolithic loop's tokens differ from HF generate()"
     assert len(served.step_latencies_ms) == len(served.generated_ids)  # one streamed response per token
-    run_record.caption_match.setdefault(served_captioner.name, 1.0)
-    run_record.correctness.append(
+    bench_session.caption_match.setdefault(served_captioner.name, 1.0)
+    bench_session.correctness.append(
         f"{served_captioner.name} on {image_name}: {len(served.generated_ids)} tokens, equal to generate() and to "
         "the monolithic loop"
     )

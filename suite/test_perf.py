@@ -12,15 +12,13 @@ import pytest
 
 from blip_triton_bench.baselines import BaselineError
 from blip_triton_bench.load import LoadLevel
-from blip_triton_bench.perf import PerfRun, UnstableMeasurement
-from blip_triton_bench.fixtures.plugin import ServedVariant, enforce_verdict
+from blip_triton_bench.perf import PerfRun, UnstableMeasurement, enforce_verdict
+from blip_triton_bench.servers.served import ServedVariant
 
 pytestmark = pytest.mark.perf
 
 
-def test_throughput_and_latency(
-    served_variant: ServedVariant, load_level: LoadLevel, perf_run: PerfRun, pytestconfig: pytest.Config
-) -> None:
+def test_throughput_and_latency(served_variant: ServedVariant, load_level: LoadLevel, perf_run: PerfRun) -> None:
     try:
         judged = perf_run.run_level(served_variant.variant, load_level)
     except BaselineError as error:
@@ -37,11 +35,4 @@ def test_throughput_and_latency(
             ),
             stacklevel=1,
         )
-    enforce_verdict(
-        pytestconfig,
-        perf_run,
-        f"{served_variant.name} {load_level.level_id}",
-        judged.baseline_path,
-        judged.baseline_metrics,
-        judged.failed_verdicts,
-    )
+    enforce_verdict(judged, perf_run)

@@ -7,8 +7,8 @@ import pytest
 from blip_triton_bench.client import TritonInferClient
 from blip_triton_bench.correctness import assert_close, serving_tolerance
 from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.fixtures.plugin import ServedVariant
 from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import build_inputs
 
 pytestmark = pytest.mark.correctness
@@ -27,7 +27,7 @@ def test_triton_matches_onnxruntime(
     served_variant: ServedVariant,
     reference_sessions: ReferenceSessions,
     model_description: ModelDescription,
-    run_record,
+    bench_session,
     protocol: str,
 ) -> None:
     endpoints = served_variant.server.endpoints
@@ -42,7 +42,7 @@ def test_triton_matches_onnxruntime(
             served = client.infer(served_variant.name, inputs)
             (expected,) = session.run(["logits"], inputs.as_dict())
             comparison = assert_close("logits", served, expected, tolerance)
-            run_record.correctness.append(
+            bench_session.correctness.append(
                 f"triton {served_variant.name} vs onnxruntime, {protocol}, batch {batch_size}: max abs error "
                 f"{comparison.max_abs_error:.2e}"
             )

@@ -9,9 +9,10 @@ import pytest
 
 from blip_triton_bench.baselines import BaselineError
 from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.perf import STARTUP_LEVEL, PerfRun
-from blip_triton_bench.fixtures.plugin import SERVER_CHOICE_KEY, ServedVariant, enforce_verdict
+from blip_triton_bench.perf import PerfRun, enforce_verdict
 from blip_triton_bench.repository import StagedRepository
+from blip_triton_bench.servers.choice import ServerChoice
+from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.startup import ColdStart, measure_cold_start, measure_warm_up
 from blip_triton_bench.workload import build_inputs
 
@@ -22,16 +23,16 @@ REPEATS = 3
 
 @pytest.fixture(scope="session")
 def cold_start(
-    pytestconfig: pytest.Config,
+    server_choice: ServerChoice,
     bench_options,
     host_info,
     staged_repository: StagedRepository,
     tmp_path_factory: pytest.TempPathFactory,
-    run_record,
+    bench_session,
 ) -> ColdStart:
     from blip_triton_bench.servers.choice import make_provider
 
-    choice = pytestconfig.stash[SERVER_CHOICE_KEY]
+    choice = server_choice
     if choice.kind == "external":
         pytest.skip("--server external: the suite starts no server there, so it has no cold start to measure")
     provider, _ = make_provider(
@@ -44,7 +45,7 @@ def cold_start(
         None,
     )
     measured = measure_cold_start(provider, staged_repository.root, REPEATS)
-    run_record.notes.append(
+    bench_session.notes.append(
         f"cold start ({measured.provider}, start to ready): "
         + ", ".join(f"{seconds:.2f} s" for seconds in measured.ready_s)
     )
@@ -57,7 +58,6 @@ def test_startup_costs(
     perf_run: PerfRun,
     model_description: ModelDescription,
     bench_options,
-    pytestconfig: pytest.Config,
 ) -> None:
     inputs = build_inputs(model_description, 1, bench_options.sequence_length)
     warm_up = measure_warm_up(served_variant.server, served_variant.name, inputs, REPEATS)
@@ -68,11 +68,4 @@ def test_startup_costs(
         pytest.fail(str(error), pytrace=False)
 
     assert all(seconds > 0 for seconds in warm_up.load_s)
-    enforce_verdict(
-        pytestconfig,
-        perf_run,
-        f"{served_variant.name} {STARTUP_LEVEL}",
-        result.baseline_path,
-        result.baseline_metrics,
-        result.failed_verdicts,
-    )
+    enforce_verdict(result, perf_run)

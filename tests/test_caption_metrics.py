@@ -10,11 +10,13 @@ import pytest
 
 from blip_triton_bench.agreement import measure_agreement
 from blip_triton_bench.caption import Caption, greedy_caption
-from blip_triton_bench.caption_latency import CaptionLatency, caption_table, speedup
+from blip_triton_bench.caption_latency import CaptionLatency, speedup
 from blip_triton_bench.load import CONCURRENCY, LoadLevel
 from blip_triton_bench.model import SpecialTokens
-from blip_triton_bench.report import ReportSection, write_report
-from blip_triton_bench.selection import choice_table, plot_accuracy_vs_speed, ratio_lines, summarize_variants
+from blip_triton_bench.report.plots import plot_accuracy_vs_speed
+from blip_triton_bench.report.text import caption_ratio_lines, caption_table, choice_table, throughput_ratio_lines
+from blip_triton_bench.report.write import ReportSection, write_report
+from blip_triton_bench.selection import summarize_variants
 from blip_triton_bench.verdict import VerdictStatus, compare_level
 from blip_triton_bench.workload import ModelInputs
 from tests.test_report import judged_level
@@ -96,7 +98,7 @@ def test_pick_a_variant_table_plot_and_ratios(tmp_path: Path) -> None:
     table = choice_table(summaries)
     assert "| fp32 | fp32 |" in table and "| 989 | 4.90 |" in table
     assert "| split | split | - | - | 650 |" in table
-    ratios = ratio_lines(summaries, latencies, "fp32")
+    ratios = throughput_ratio_lines(summaries, "fp32") + caption_ratio_lines(summaries, latencies, "fp32")
     assert "int8 vs fp32: captions 2.50x faster (4 tokens, medians, same run)" in ratios
     assert "split vs fp32: captions 6.15x faster (4 tokens, medians, same run)" in ratios
     assert any(line.startswith("int8 vs fp32: ") and "x infer/s" in line for line in ratios)

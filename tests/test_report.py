@@ -10,7 +10,9 @@ import pytest
 
 from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LevelMeasurement, LoadLevel, ServerStatistics
 from blip_triton_bench.perf import JudgedLevel
-from blip_triton_bench.report import markdown_table, serving_efficiency, write_report
+from blip_triton_bench.report.text import markdown_table
+from blip_triton_bench.report.write import write_report
+from blip_triton_bench.selection import serving_efficiency
 from blip_triton_bench.stats import WindowSample, assess_stability, summarize_level
 from blip_triton_bench.verdict import compare_level
 

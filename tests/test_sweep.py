@@ -12,11 +12,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from blip_triton_bench.load import REQUEST_RATE
+from blip_triton_bench.report.text import SWEEP_CSV_COLUMNS as CSV_COLUMNS
+from blip_triton_bench.report.write import BEST_CONFIG, write_sweep_report
 from blip_triton_bench.repository import parse_config
 from blip_triton_bench.sweep import (
     AUTO,
-    BEST_CONFIG,
-    CSV_COLUMNS,
     DEFAULT_GRID,
     GRID_KEYS,
     THREAD_PARAMETER,
@@ -30,7 +30,6 @@ from blip_triton_bench.sweep import (
     parse_grid,
     sweep_points,
     write_config,
-    write_sweep_report,
 )
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"

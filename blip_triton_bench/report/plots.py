@@ -1,0 +1,189 @@
+"""The report's PNG plots: levels (throughput vs concurrency, latency vs throughput), accuracy vs speed, and the
+sweep's frontier; each file written atomically, as every file of the report is."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from blip_triton_bench.load import CONCURRENCY
+from blip_triton_bench.perf import JudgedLevel
+from blip_triton_bench.selection import VariantSummary
+from blip_triton_bench.sweep import SweepMeasurement
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (never a window)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: Path) -> Path:
+    """savefig to a temp file beside `path`, then rename: a reader never sees half a PNG."""
+    plt = pyplot()
+    temp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        figure.savefig(temp, dpi=110)
+        temp.replace(path)
+    finally:
+        plt.close(figure)
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def plot_levels(results: Sequence[JudgedLevel], directory: Path) -> list[Path]:
+    """Throughput vs concurrency and p99 latency vs throughput, one line per variant, baselines dashed."""
+    plt = pyplot()
+    closed = [j for j in results if j.measurement.level.mode == CONCURRENCY]
+    if not closed:
+        return []
+    variants = list(dict.fromkeys(j.variant for j in closed))
+    figure_tp, axis_tp = plt.subplots(figsize=(7, 4.5))
+    figure_lat, axis_lat = plt.subplots(figsize=(7, 4.5))
+    for index, variant in enumerate(variants):
+        color = f"C{index}"
+        points = sorted((j for j in closed if j.variant == variant), key=lambda j: j.measurement.level.value)
+        levels = [j.measurement.level.value for j in points]
+        throughput = [j.measurement.summary.throughput_infer_per_s for j in points]
+        p99 = [j.measurement.summary.latency_p99_ms for j in points]
+        spread = [
+            t * j.measurement.summary.throughput_spread_pct / 200.0 for t, j in zip(throughput, points, strict=True)
+        ]
+        axis_tp.errorbar(levels, throughput, yerr=spread, marker="o", color=color, capsize=3, label=variant)
+        axis_lat.plot(throughput, p99, marker="o", color=color, label=variant)
+        with_baseline = [j for j in points if j.baseline_metrics]
+        if with_baseline:
+            axis_tp.plot(
+                [j.measurement.level.value for j in with_baseline],
+                [j.baseline_metrics["throughput_infer_per_s"] for j in with_baseline],
+                linestyle="--",
+                marker="x",
+                color=color,
+                label=f"{variant} baseline",
+            )
+            axis_lat.plot(
+                [j.baseline_metrics["throughput_infer_per_s"] for j in with_baseline],
+                [j.baseline_metrics["latency_p99_ms"] for j in with_baseline],
+                linestyle="--",
+                marker="x",
+                color=color,
+                label=f"{variant} baseline",
+            )
+        for j in points:
+            if not j.measurement.summary.stable:
+                axis_tp.annotate("unstable", (j.measurement.level.value, j.measurement.summary.throughput_infer_per_s))
+    from matplotlib.ticker import MaxNLocator
+
+    axis_tp.xaxis.set_major_locator(MaxNLocator(integer=True))  # concurrency levels are whole numbers
+    axis_tp.set_ylim(bottom=0)  # a drop reads as large as it is only from zero
+    axis_lat.set_ylim(bottom=0)
+    axis_tp.set(
+        xlabel="concurrency (requests in flight)", ylabel="throughput (infer/s)", title="Throughput vs concurrency"
+    )
+    axis_lat.set(xlabel="throughput (infer/s)", ylabel="p99 latency (ms)", title="Latency vs throughput")
+    paths = []
+    for figure, axis, name in (
+        (figure_tp, axis_tp, "throughput_vs_concurrency.png"),
+        (figure_lat, axis_lat, "latency_vs_throughput.png"),
+    ):
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+        figure.tight_layout()
+        paths.append(save_figure(figure, directory / name))
+    return paths
+
+
+def plot_accuracy_vs_speed(summaries: Sequence[VariantSummary], directory: Path) -> Path | None:
+    """Captions per second (x) against caption exact match with the FP32 teacher (y), one point per variant."""
+    points = [
+        item for item in summaries if item.captions_per_s is not None and item.caption_match_vs_teacher is not None
+    ]
+    if not points:
+        return None
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, item in enumerate(points):
+        axis.scatter(item.captions_per_s, item.caption_match_vs_teacher * 100.0, color=f"C{index}", s=60)
+        top1 = f", top-1 {item.top1_vs_teacher:.0%}" if item.top1_vs_teacher is not None else ""
+        axis.annotate(
+            f"{item.variant}{top1}",
+            (item.captions_per_s, item.caption_match_vs_teacher * 100.0),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize="small",
+        )
+    axis.set_xscale("log")
+    axis.set_ylim(-5, 105)
+    axis.set(
+        xlabel="captions per second (log scale; one caption at a time)",
+        ylabel="caption exact match vs FP32 teacher (%)",
+        title="Accuracy vs speed, per variant (same run)",
+    )
+    axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    return save_figure(figure, directory / "accuracy_vs_speed.png")
+
+
+def plot_frontier(
+    path: Path, rows: Sequence[SweepMeasurement], frontier: Sequence[SweepMeasurement], winner, budget: float | None
+) -> None:
+    """p99 vs throughput for every measurement, the frontier as a line, the budget as a horizontal line."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    usable = [m for m in rows if m.usable]
+    unusable = [m for m in rows if not m.usable and math.isfinite(m.latency_p99_ms)]
+    axis.scatter(
+        [m.throughput_infer_per_s for m in usable], [m.latency_p99_ms for m in usable], color="C0", label="stable"
+    )
+    if unusable:
+        axis.scatter(
+            [m.throughput_infer_per_s for m in unusable],
+            [m.latency_p99_ms for m in unusable],
+            color="C3",
+            marker="x",
+            label="unstable or with errors",
+        )
+    if frontier:
+        axis.plot(
+            [m.throughput_infer_per_s for m in frontier],
+            [m.latency_p99_ms for m in frontier],
+            color="C1",
+            marker="o",
+            label="frontier",
+        )
+        for m in frontier:
+            short = m.point_name.split("__", 1)[-1]
+            axis.annotate(
+                f"{short} {m.level_id}",
+                (m.throughput_infer_per_s, m.latency_p99_ms),
+                xytext=(4, -10),
+                textcoords="offset points",
+                fontsize=6,
+            )
+    if winner is not None:
+        axis.scatter(
+            [winner.throughput_infer_per_s],
+            [winner.latency_p99_ms],
+            s=160,
+            marker="*",
+            color="C2",
+            zorder=3,
+            label="best",
+        )
+    if budget is not None:
+        axis.axhline(budget, color="C7", linestyle="--", label=f"p99 budget {budget:g} ms")
+    if not rows:
+        axis.text(0.5, 0.5, "no measurement", transform=axis.transAxes, ha="center")
+    axis.set_xlim(left=0)
+    axis.set_ylim(bottom=0)
+    axis.set(xlabel="throughput (infer/s)", ylabel="p99 latency (ms)", title="Sweep: p99 latency vs throughput")
+    axis.grid(True, alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    save_figure(figure, path)

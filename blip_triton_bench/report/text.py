@@ -1,0 +1,371 @@
+"""Every table and line a person reads: load levels, serving efficiency, start-up, captions, pick-a-variant,
+the sweep, and the CSV rows, from the run's data; one verdict text and one CSV column list for all of them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+from blip_triton_bench.caption_latency import CaptionLatency, speedup
+from blip_triton_bench.load import CONCURRENCY
+from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
+from blip_triton_bench.selection import ServingEfficiency, VariantSummary
+from blip_triton_bench.sweep import SweepMeasurement, SweepPoint
+
+#: perf_analyzer's CSV column names where one exists (latencies in microseconds, as it writes them).
+CSV_COLUMNS = (
+    "Variant",
+    "Concurrency",
+    "Request Rate",
+    "Inferences/Second",
+    "Server Queue",
+    "Server Compute Input",
+    "Server Compute Infer",
+    "Server Compute Output",
+    "p50 latency",
+    "p90 latency",
+    "p95 latency",
+    "p99 latency",
+    "Avg latency",
+    "Errors",
+    "Stable",
+    "Avg Batch Size",
+    "Baseline Inferences/Second",
+    "Baseline p99 latency",
+    "Verdict",
+)
+
+#: The sweep's CSV: the level columns it measures, then the knobs, then where the point stands.
+SWEEP_MEASURED_COLUMNS = (
+    "Variant",
+    "Concurrency",
+    "Request Rate",
+    "Inferences/Second",
+    "p50 latency",
+    "p99 latency",
+    "Errors",
+)
+SWEEP_CSV_COLUMNS = (
+    *(column for column in CSV_COLUMNS if column in SWEEP_MEASURED_COLUMNS),
+    "max_batch_size",
+    "preferred_batch_size",
+    "max_queue_delay_microseconds",
+    "instance_count",
+    "intra_op_thread_count",
+    "Stable",
+    "On Frontier",
+    "Best",
+)
+
+
+def usec(ms: float | None) -> str:
+    """Milliseconds as perf_analyzer's CSV writes latencies: whole microseconds, empty when unknown."""
+    return "" if ms is None or math.isnan(ms) else str(round(ms * 1000.0))
+
+
+def level_cells(mode: str, value: float) -> dict[str, str]:
+    """The Concurrency / Request Rate cells of a row: one is filled, as perf_analyzer does."""
+    if mode == CONCURRENCY:
+        return {"Concurrency": str(int(value)) if float(value).is_integer() else f"{value:g}", "Request Rate": ""}
+    return {"Concurrency": "", "Request Rate": f"{value:g}"}
+
+
+def csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, str]]) -> str:
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return stream.getvalue()
+
+
+def verdict_text(judged: JudgedLevel | StartupResult) -> str:
+    """One verdict text for every table: the worst metric's status and change against the baseline."""
+    if judged.baseline_metrics is None:
+        return "no baseline"
+    if not judged.verdicts:
+        return "no comparable metric"
+    worst = max(judged.verdicts, key=lambda verdict: verdict.worsening_pct)
+    statuses = {verdict.status.value for verdict in judged.verdicts}
+    for status in ("regression", "inconclusive", "improved"):
+        if status in statuses:
+            return f"{status} ({worst.metric} {worst.change_pct:+.1f}%)"
+    return f"pass ({worst.metric} {worst.change_pct:+.1f}%)"
+
+
+def csv_row(judged: JudgedLevel) -> dict[str, str]:
+    measurement, summary = judged.measurement, judged.measurement.summary
+    server = measurement.server
+    baseline = judged.baseline_metrics or {}
+    return {
+        "Variant": judged.variant,
+        **level_cells(measurement.level.mode, measurement.level.value),
+        "Inferences/Second": f"{summary.throughput_infer_per_s:.4f}",
+        "Server Queue": usec(server.queue_ms) if server else "",
+        "Server Compute Input": usec(server.compute_input_ms) if server else "",
+        "Server Compute Infer": usec(server.compute_infer_ms) if server else "",
+        "Server Compute Output": usec(server.compute_output_ms) if server else "",
+        "p50 latency": usec(summary.latency_p50_ms),
+        "p90 latency": usec(summary.latency_p90_ms),
+        "p95 latency": usec(summary.latency_p95_ms),
+        "p99 latency": usec(summary.latency_p99_ms),
+        "Avg latency": usec(summary.latency_avg_ms),
+        "Errors": str(summary.errors),
+        "Stable": "yes" if summary.stable else "no",
+        "Avg Batch Size": f"{server.average_batch_size:.2f}" if server else "",
+        "Baseline Inferences/Second": f"{baseline['throughput_infer_per_s']:.4f}" if baseline else "",
+        "Baseline p99 latency": usec(baseline.get("latency_p99_ms")) if baseline else "",
+        "Verdict": verdict_text(judged),
+    }
+
+
+def batches_formed(judged: JudgedLevel) -> str:
+    """e.g. `1x40 2x12`: batch size x executions the dynamic batcher formed during the measured windows."""
+    server = judged.measurement.server
+    if server is None or not server.executions_by_batch_size:
+        return "-"
+    return " ".join(f"{size}x{count}" for size, count in server.executions_by_batch_size.items())
+
+
+def markdown_table(results: Sequence[JudgedLevel]) -> str:
+    lines = [
+        "| variant | level | infer/s | p50 ms | p99 ms | batches formed (size x count) | vs baseline | notes |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for judged in results:
+        summary = judged.measurement.summary
+        notes = []
+        if not summary.stable:
+            notes.append(f"UNSTABLE: {summary.stability_reason}")
+        if summary.errors:
+            notes.append(f"{summary.errors} errors")
+        if judged.near_ceiling:
+            notes.append(f"near client ceiling ({judged.ceiling_infer_per_s:.1f} infer/s)")
+        if judged.measurement.offered_rate_per_s is not None:
+            notes.append(
+                f"offered {judged.measurement.offered_rate_per_s:g}/s, achieved {judged.measurement.achieved_rate_per_s:.2f}/s"
+            )
+        lines.append(
+            f"| {judged.variant} | {judged.measurement.level.level_id} | {summary.throughput_infer_per_s:.2f} | "
+            f"{summary.latency_p50_ms:.1f} | {summary.latency_p99_ms:.1f} | {batches_formed(judged)} | "
+            f"{verdict_text(judged)} | {'; '.join(notes)} |"
+        )
+    return "\n".join(lines)
+
+
+def efficiency_table(efficiencies: Sequence[ServingEfficiency]) -> str:
+    lines = [
+        "| variant | best infer/s (level) | in-process ONNX Runtime infer/s | served / in-process |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for item in efficiencies:
+        in_process = f"{item.in_process_infer_per_s:.2f}" if item.in_process_infer_per_s else "not measured"
+        ratio = f"{item.ratio:.2f}" if item.ratio is not None else "-"
+        lines.append(f"| {item.variant} | {item.best_infer_per_s:.2f} ({item.best_level}) | {in_process} | {ratio} |")
+    return "\n".join(lines)
+
+
+def startup_table(results: Sequence[StartupResult]) -> str:
+    lines = [
+        "| variant | cold start s | model load s | first request ms | steady request ms | vs baseline |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for result in results:
+        if result.level_id != STARTUP_LEVEL:
+            continue
+        metrics = result.metrics
+        versus = verdict_text(result)
+        lines.append(
+            f"| {result.variant} | {metrics.get('cold_start_s', math.nan):.2f} | {metrics['model_load_s']:.2f} | "
+            f"{metrics['first_request_ms']:.1f} | {metrics['steady_request_ms']:.1f} | {versus} |"
+        )
+    return "\n".join(lines)
+
+
+def progress_line(judged: JudgedLevel) -> str:
+    """One line per measured level, printed while a long sweep runs."""
+    summary = judged.measurement.summary
+    stable = f"stable over windows {list(summary.window_indices)}" if summary.stable else "UNSTABLE"
+    return (
+        f"[perf] {judged.variant} {judged.measurement.level.level_id}: {summary.throughput_infer_per_s:.2f} infer/s, "
+        f"p50 {summary.latency_p50_ms:.1f} ms, p99 {summary.latency_p99_ms:.1f} ms, {len(judged.measurement.windows)} "
+        f"windows, {stable}; {verdict_text(judged)}"
+    )
+
+
+def caption_table(latencies: Sequence[CaptionLatency]) -> str:
+    lines = [
+        "| variant | way | tokens | ms per caption (spread) | time to first token ms | inter-token latency ms | tokens/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for latency in latencies:
+        metrics = latency.metrics()
+        itl = metrics.get("inter_token_latency_ms")
+        lines.append(
+            f"| {latency.variant} | {latency.way} | {latency.output_tokens} | {metrics['caption_ms']:.1f} "
+            f"({metrics['caption_spread_pct']:.0f}%) | {metrics['time_to_first_token_ms']:.1f} | "
+            f"{'-' if itl is None else f'{itl:.1f}'} | {metrics['output_token_throughput_per_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, form: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, form)
+
+
+def choice_table(summaries: Sequence[VariantSummary]) -> str:
+    lines = [
+        "| variant | artifact | best infer/s (level) | p99 ms there | ms per caption | top-1 vs FP32 | cosine vs FP32 "
+        "| caption match vs FP32 | artifact MB | load s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for item in summaries:
+        best = f"{item.best_infer_per_s:.2f} ({item.best_level})" if item.best_infer_per_s is not None else "-"
+        lines.append(
+            f"| {item.variant} | {item.artifact} | {best} | {_cell(item.p99_ms_at_best, '.1f')} | "
+            f"{_cell(item.caption_ms, '.0f')} | {_cell(item.top1_vs_teacher, '.1%')} | "
+            f"{_cell(item.cosine_vs_teacher, '.4f')} | {_cell(item.caption_match_vs_teacher, '.0%')} | "
+            f"{_cell(item.artifact_mb, '.0f')} | {_cell(item.load_s, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _reference_summary(summaries: Sequence[VariantSummary], reference: str | None) -> VariantSummary | None:
+    return next((item for item in summaries if item.variant == reference), None) if reference else None
+
+
+def throughput_ratio_lines(summaries: Sequence[VariantSummary], reference: str | None) -> list[str]:
+    """Same-run throughput ratios against the FP32 reference variant (best levels)."""
+    base = _reference_summary(summaries, reference)
+    if base is None:
+        return []
+    return [
+        f"{item.variant} vs {base.variant}: {item.best_infer_per_s / base.best_infer_per_s:.2f}x infer/s "
+        f"(best levels, same run)"
+        for item in summaries
+        if item.variant != base.variant and item.best_infer_per_s and base.best_infer_per_s
+    ]
+
+
+def caption_ratio_lines(
+    summaries: Sequence[VariantSummary], caption_latency: Mapping[str, CaptionLatency], reference: str | None
+) -> list[str]:
+    """Same-run caption latency ratios against the FP32 reference variant, for every way of captioning."""
+    base = _reference_summary(summaries, reference)
+    if base is None or base.variant not in caption_latency:
+        return []
+    lines = []
+    for item in summaries:
+        if item.variant == base.variant or item.variant not in caption_latency:
+            continue
+        try:
+            ratio = speedup(caption_latency[item.variant], caption_latency[base.variant])
+        except ValueError as error:
+            lines.append(str(error))
+            continue
+        lines.append(
+            f"{item.variant} vs {base.variant}: captions {ratio:.2f}x faster "
+            f"({caption_latency[item.variant].output_tokens} tokens, medians, same run)"
+        )
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+
+
+def budget_text(latency_budget_ms: float | None) -> str:
+    return "no p99 budget (the fastest)" if latency_budget_ms is None else f"p99 <= {latency_budget_ms:g} ms"
+
+
+def sweep_csv(points: Sequence[SweepPoint], rows: Sequence[SweepMeasurement], frontier, winner) -> str:
+    by_name = {point.name: point for point in points}
+    on_frontier = {id(m) for m in frontier}
+    return csv_text(
+        SWEEP_CSV_COLUMNS,
+        [
+            {
+                "Variant": m.point_name,
+                **level_cells(m.mode, m.level_value),
+                "Inferences/Second": f"{m.throughput_infer_per_s:.4f}",
+                "p50 latency": usec(m.latency_p50_ms),
+                "p99 latency": usec(m.latency_p99_ms),
+                "Errors": str(m.errors),
+                **by_name[m.point_name].knobs,
+                "Stable": "yes" if m.stable else "no",
+                "On Frontier": "yes" if id(m) in on_frontier else "no",
+                "Best": "yes" if m is winner else "no",
+            }
+            for m in rows
+        ],
+    )
+
+
+def winner_sentence(winner: SweepMeasurement | None, rows: Sequence[SweepMeasurement], budget: float | None) -> str:
+    """One sentence: the best config under the budget, or why none fits."""
+    if winner is not None:
+        return (
+            f"best under {budget_text(budget)}: {winner.point_name} at {winner.level_id}: "
+            f"{winner.throughput_infer_per_s:.2f} infer/s, p99 {winner.latency_p99_ms:.1f} ms"
+        )
+    usable = [m for m in rows if m.usable]
+    if not usable:
+        return (
+            f"no config fits {budget_text(budget)}: none of the {len(rows)} measurements was stable and error-free; "
+            "best_config.pbtxt not written"
+        )
+    lowest = min(usable, key=lambda m: (m.latency_p99_ms, -m.throughput_infer_per_s))
+    return (
+        f"no config fits {budget_text(budget)}: the lowest stable p99 was {lowest.latency_p99_ms:.1f} ms "
+        f"({lowest.point_name} at {lowest.level_id}); best_config.pbtxt not written (raise --latency-budget-ms)"
+    )
+
+
+def sweep_markdown(
+    base_name: str,
+    points: Sequence[SweepPoint],
+    rows: Sequence[SweepMeasurement],
+    frontier,
+    winner,
+    sentence: str,
+    sweep_plot_name: str,
+) -> str:
+    by_name = {point.name: point for point in points}
+    on_frontier = {id(m) for m in frontier}
+    lines = [
+        f"# Batching and instance sweep of {base_name}",
+        "",
+        sentence,
+        "",
+        "| config | level | max_batch_size | preferred | queue delay us | instances | threads | infer/s | p50 ms "
+        "| p99 ms | notes |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for m in rows:
+        knobs = by_name[m.point_name].knobs
+        notes = []
+        if m is winner:
+            notes.append("**best**")
+        if id(m) in on_frontier:
+            notes.append("frontier")
+        if not m.stable:
+            notes.append("UNSTABLE")
+        if m.errors:
+            notes.append(f"{m.errors} errors")
+        lines.append(
+            f"| {m.point_name} | {m.level_id} | {knobs['max_batch_size']} | {knobs['preferred_batch_size']} | "
+            f"{knobs['max_queue_delay_microseconds']} | {knobs['instance_count']} | {knobs['intra_op_thread_count']} | "
+            f"{m.throughput_infer_per_s:.2f} | {m.latency_p50_ms:.1f} | {m.latency_p99_ms:.1f} | {', '.join(notes)} |"
+        )
+    measured = {m.point_name for m in rows}
+    unmeasured = [point.name for point in points if point.name not in measured]
+    if unmeasured:
+        lines += ["", f"Not measured: {', '.join(unmeasured)}."]
+    lines += [
+        "",
+        "Frontier: the stable, error-free measurements no other beats on both throughput and p99. Threads "
+        "'default' is ONNX Runtime's own choice; instances are per instance group of the base config.",
+        "",
+        f"![]({sweep_plot_name})",
+    ]
+    return "\n".join(lines) + "\n"

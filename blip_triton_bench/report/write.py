@@ -1,0 +1,259 @@
+"""Writes the run's report: results.json, results.csv, report.md and the plots, and the sweep's own report;
+every file atomically, so a reader (or an interrupted run) never sees half of one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tritonclient.grpc import model_config_pb2
+
+from blip_triton_bench.files import write_text_atomic
+from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
+from blip_triton_bench.report.plots import plot_accuracy_vs_speed, plot_frontier, plot_levels
+from blip_triton_bench.report.text import (
+    CSV_COLUMNS,
+    budget_text,
+    caption_ratio_lines,
+    caption_table,
+    choice_table,
+    csv_row,
+    csv_text,
+    efficiency_table,
+    markdown_table,
+    startup_table,
+    sweep_csv,
+    sweep_markdown,
+    throughput_ratio_lines,
+    winner_sentence,
+)
+from blip_triton_bench.repository import LOGITS_ROLE
+from blip_triton_bench.selection import serving_efficiency, summarize_variants
+from blip_triton_bench.sweep import (
+    SweepMeasurement,
+    SweepPoint,
+    best_under_budget,
+    config_text,
+    ordered_measurements,
+    pareto_frontier,
+)
+
+if TYPE_CHECKING:
+    from blip_triton_bench.session import BenchSession
+
+SWEEP_CSV = "sweep.csv"
+SWEEP_MARKDOWN = "sweep.md"
+SWEEP_PLOT = "sweep_frontier.png"
+BEST_CONFIG = "best_config.pbtxt"
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A titled part of report.md beyond the load levels, with the plots it refers to."""
+
+    title: str
+    markdown: str
+    plots: tuple[Path, ...] = ()
+    data: Any = None  # what results.json holds for it (dataclasses and plain values)
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "value") and type(value).__module__ != "builtins":  # enums
+        return value.value
+    return value
+
+
+def write_json(
+    path: Path, metadata: Mapping[str, Any], results: Sequence[JudgedLevel], efficiencies, startup=(), sections=()
+) -> None:
+    document = {
+        "metadata": _jsonable(metadata),
+        "levels": [_jsonable(judged) for judged in results],
+        "startup": [_jsonable(result) for result in startup],
+        "serving_efficiency": [{**_jsonable(item), "ratio": item.ratio} for item in efficiencies],
+        "sections": {
+            section.title: {"markdown": section.markdown, "data": _jsonable(section.data)} for section in sections
+        },
+    }
+    write_text_atomic(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path, results: Sequence[JudgedLevel]) -> None:
+    write_text_atomic(path, csv_text(CSV_COLUMNS, [csv_row(judged) for judged in results]))
+
+
+def write_report(
+    directory: Path,
+    results: Sequence[JudgedLevel],
+    in_process_infer_per_s: float | None,
+    notes: Sequence[str],
+    startup: Sequence[StartupResult] = (),
+    sections: Sequence[ReportSection] = (),
+) -> list[str]:
+    """Write results.json, results.csv, report.md and the plots; return the lines for the terminal summary.
+
+    `sections` (caption latency, pick-a-variant, sweep) follow the load-level tables in report.md, the terminal
+    summary and results.json.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    efficiencies = serving_efficiency(results, in_process_infer_per_s)
+    table = markdown_table(results) if results else "(no load level measured)"
+    efficiency = efficiency_table(efficiencies)
+    if any(result.level_id == STARTUP_LEVEL for result in startup):
+        efficiency += "\n\n" + startup_table(startup)
+    write_json(directory / "results.json", {"notes": list(notes)}, results, efficiencies, startup, sections)
+    write_csv(directory / "results.csv", results)
+    plots = plot_levels(results, directory)
+    parts = ["# blip-triton-bench report", table, "## Serving efficiency", efficiency]
+    parts += [f"![]({p.name})" for p in plots]
+    for section in sections:
+        parts += [f"## {section.title}", section.markdown, *[f"![]({p.name})" for p in section.plots]]
+    write_text_atomic(directory / "report.md", "\n\n".join(parts) + "\n")
+    names = [p.name for p in plots] + [p.name for section in sections for p in section.plots]
+    lines = [table, "", efficiency, ""]
+    for section in sections:
+        lines += [f"{section.title}:", section.markdown, ""]
+    return [*lines, f"report: {directory} (results.json, results.csv, report.md, {', '.join(names)})"]
+
+
+def session_sections(session: BenchSession, directory: Path) -> list[ReportSection]:
+    """Caption latency, the pick-a-variant table and plot, and the sweep, from what the session's tests recorded."""
+    variants = session.variants
+    summaries = summarize_variants(
+        {variant.name: ("split" if variant.composing_models else variant.artifact) for variant in variants},
+        session.perf.results if session.perf is not None else [],
+        session.caption_latency,
+        session.accuracy,
+        session.caption_match,
+        session.variant_bytes(),
+        session.load_seconds(),
+    )
+    reference = next((v.name for v in variants if v.role == LOGITS_ROLE and v.artifact == "fp32"), None)
+    caption_ratios = caption_ratio_lines(summaries, session.caption_latency, reference)
+    sections = []
+    if session.caption_latency:
+        latencies = list(session.caption_latency.values())
+        sections.append(
+            ReportSection(
+                "Caption latency (genai-perf metrics)",
+                "\n\n".join([caption_table(latencies), *caption_ratios]),
+                data=[{"variant": item.variant, "way": item.way, **item.metrics()} for item in latencies],
+            )
+        )
+    if summaries:
+        plot = plot_accuracy_vs_speed(summaries, directory)
+        sections.append(
+            ReportSection(
+                "Pick a variant",
+                "\n\n".join([choice_table(summaries), *throughput_ratio_lines(summaries, reference), *caption_ratios]),
+                plots=(plot,) if plot else (),
+                data=summaries,
+            )
+        )
+    if session.sweep_lines:
+        sections.append(ReportSection("Batching and instance sweep", "\n".join(session.sweep_lines)))
+    return sections
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What write_sweep_report wrote, the winner, and the lines for the terminal summary."""
+
+    directory: Path
+    csv_path: Path
+    markdown_path: Path
+    plot_path: Path
+    best_config_path: Path | None  # None when no config fits the budget
+    winner: SweepMeasurement | None
+    winner_point: SweepPoint | None
+    frontier: tuple[SweepMeasurement, ...]
+    lines: list[str] = field(default_factory=list)
+
+
+def write_sweep_report(
+    directory: Path,
+    base_name: str,
+    points: Sequence[SweepPoint],
+    measurements: Sequence[SweepMeasurement],
+    latency_budget_ms: float | None,
+) -> SweepReport:
+    """Write sweep.csv, sweep.md, sweep_frontier.png and (when a config fits) best_config.pbtxt under `directory`.
+
+    best_config.pbtxt is the winner's config named `base_name`, to replace the base variant's config.pbtxt.
+    """
+    rows = ordered_measurements(points, measurements)
+    frontier = pareto_frontier(rows)
+    winner = best_under_budget(rows, latency_budget_ms)
+    winner_point = next((point for point in points if winner and point.name == winner.point_name), None)
+    sentence = winner_sentence(winner, rows, latency_budget_ms)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    csv_path, markdown_path, plot_path = directory / SWEEP_CSV, directory / SWEEP_MARKDOWN, directory / SWEEP_PLOT
+    write_text_atomic(csv_path, sweep_csv(points, rows, frontier, winner))
+    write_text_atomic(markdown_path, sweep_markdown(base_name, points, rows, frontier, winner, sentence, SWEEP_PLOT))
+    plot_frontier(plot_path, rows, frontier, winner, latency_budget_ms)
+
+    best_config_path: Path | None = directory / BEST_CONFIG
+    if winner_point is not None:
+        best = model_config_pb2.ModelConfig()
+        best.CopyFrom(winner_point.config)
+        best.name = base_name  # drops into the repository in place of the base variant's config.pbtxt
+        # A comment (text_format reads it as one) so the file says where it came from once copied into place.
+        header = (
+            f"# {winner.point_name} of the batching sweep of {base_name}: {winner.throughput_infer_per_s:.2f} infer/s, "
+            f"p99 {winner.latency_p99_ms:.1f} ms at {winner.level_id} ({budget_text(latency_budget_ms)})\n"
+        )
+        write_text_atomic(best_config_path, header + config_text(best))
+    else:
+        best_config_path.unlink(missing_ok=True)  # an earlier run's winner would read as this run's
+        best_config_path = None
+
+    unusable = sum(not m.usable for m in rows)
+    lines = [
+        f"- sweep of {base_name}: {len(points)} configs, {len(rows)} measurements"
+        + (f" ({unusable} unstable or with errors, left out of the choice)" if unusable else ""),
+        f"- {sentence}",
+    ]
+    if frontier:
+        lines.append(
+            "- frontier: "
+            + "; ".join(
+                f"{m.point_name} at {m.level_id} ({m.throughput_infer_per_s:.2f} infer/s, p99 {m.latency_p99_ms:.1f} ms)"
+                for m in frontier
+            )
+        )
+    files = [SWEEP_CSV, SWEEP_MARKDOWN, SWEEP_PLOT] + ([BEST_CONFIG] if best_config_path else [])
+    lines.append(f"- sweep report: {directory} ({', '.join(files)})")
+    if best_config_path is not None:
+        lines.append(
+            f"- {best_config_path} is {winner.point_name}'s config named {base_name}: copy it over its config.pbtxt"
+        )
+    return SweepReport(
+        directory=directory,
+        csv_path=csv_path,
+        markdown_path=markdown_path,
+        plot_path=plot_path,
+        best_config_path=best_config_path,
+        winner=winner,
+        winner_point=winner_point,
+        frontier=tuple(frontier),
+        lines=lines,
+    )

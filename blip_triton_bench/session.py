@@ -1,0 +1,121 @@
+"""The run's record and its end: what the session's tests learned, the correctness gate, baselines and report.
+
+One object per pytest session, as pytest-benchmark's BenchmarkSession: tests add to it, `finish()` records
+baselines and writes the report, `summary_lines()` is what the terminal summary prints. No pytest in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from blip_triton_bench.repository import Variant
+from blip_triton_bench.servers.base import ModelLoad, RunningServer, ServerStartError
+
+if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test needs them
+    from blip_triton_bench.agreement import Agreement
+    from blip_triton_bench.caption_latency import CaptionLatency
+    from blip_triton_bench.perf import PerfRun
+
+#: The key under which correctness outcomes of tests without a variant (export vs PyTorch) are kept.
+EXPORT_GATE = ""
+
+
+@dataclass
+class BenchSession:
+    """What this session learned that a person should read at the end, and what --update-baselines may store."""
+
+    variants: list[Variant] = field(default_factory=list)  # the selected variants, in repository order
+    notes: list[str] = field(default_factory=list)
+    server: RunningServer | None = None
+    model_loads: dict[str, ModelLoad | ServerStartError] = field(default_factory=dict)
+    correctness: list[str] = field(default_factory=list)
+    #: correctness outcomes per variant (EXPORT_GATE for tests without a variant, e.g. export vs PyTorch)
+    correctness_passed: dict[str, list[bool]] = field(default_factory=dict)
+    in_process_infer_per_s: float | None = None
+    perf: PerfRun | None = None
+    baseline_lines: list[str] = field(default_factory=list)
+    report_lines: list[str] = field(default_factory=list)
+    #: per variant: its served logits against the FP32 teacher's on real images (test_accuracy)
+    accuracy: dict[str, Agreement] = field(default_factory=dict)
+    #: per variant: caption exact-match rate against the FP32 teacher's greedy captions
+    caption_match: dict[str, float] = field(default_factory=dict)
+    caption_latency: dict[str, CaptionLatency] = field(default_factory=dict)
+    artifact_bytes: dict[str, int] = field(default_factory=dict)
+    sweep_lines: list[str] = field(default_factory=list)
+
+    def record_correctness(self, variant: str | None, passed: bool) -> None:
+        self.correctness_passed.setdefault(variant or EXPORT_GATE, []).append(passed)
+
+    def correctness_gate(self, variant: str) -> str | None:
+        """None when `variant` may record baselines, else why not."""
+        export = self.correctness_passed.get(EXPORT_GATE, [])
+        own = self.correctness_passed.get(variant, [])
+        if not all(export):
+            return "the export's correctness tests failed"
+        if not own:
+            return "its correctness tests did not run in this session (run them with the perf tests)"
+        if not all(own):
+            return "its correctness tests failed"
+        return None
+
+    def record_model_load(self, name: str, load: ModelLoad | ServerStartError) -> ModelLoad | ServerStartError:
+        """Keep the first load of `name`: another parametrization asking again gets Triton's instant answer."""
+        return self.model_loads.setdefault(name, load)
+
+    def load_seconds(self) -> dict[str, float]:
+        """Load time per model; a variant's includes the models it calls (a BLS captioner's encoder and decoder)."""
+        loads = {name: load.load_s for name, load in self.model_loads.items() if isinstance(load, ModelLoad)}
+        return loads | {
+            variant.name: sum(loads.get(name, 0.0) for name in (*variant.composing_models, variant.name))
+            for variant in self.variants
+            if variant.name in loads
+        }
+
+    def variant_bytes(self) -> dict[str, int]:
+        """Bytes staged per variant, counting the models it calls."""
+        sizes = dict(self.artifact_bytes)
+        for variant in self.variants:
+            sizes[variant.name] = sum(
+                self.artifact_bytes.get(name, 0) for name in (*variant.composing_models, variant.name)
+            )
+        return sizes
+
+    def finish(self, report_dir: Path, update_baselines: bool) -> None:
+        """Record baselines (with --update-baselines, correctness permitting), then write the report."""
+        if self.perf is None or not (self.perf.results or self.perf.startup_results):
+            return
+        from blip_triton_bench.baselines import BaselineError
+        from blip_triton_bench.perf import record_baselines
+        from blip_triton_bench.report.write import session_sections, write_report
+
+        if update_baselines:
+            try:
+                self.baseline_lines = record_baselines(self.perf, self.correctness_gate)
+            except BaselineError as error:
+                self.baseline_lines = [f"NOT RECORDED: {error}"]
+        report_dir.mkdir(parents=True, exist_ok=True)
+        self.report_lines = write_report(
+            report_dir,
+            self.perf.results,
+            self.in_process_infer_per_s,
+            self.notes,
+            self.perf.startup_results,
+            session_sections(self, report_dir),
+        )
+
+    def summary_lines(self) -> list[str]:
+        """The terminal summary: notes, model loads, correctness, the report's tables, baselines recorded."""
+        lines = list(self.notes)
+        for name, load in self.model_loads.items():
+            if isinstance(load, ModelLoad):
+                lines.append(f"model load {name}: {load.load_s:.2f} s")
+            else:
+                lines.append(f"model load {name}: FAILED ({str(load).splitlines()[0]})")
+        lines.extend(self.correctness)
+        lines.extend(self.report_lines)
+        if self.baseline_lines:
+            lines.append("baselines (--update-baselines):")
+            lines.extend(f"  {line}" for line in self.baseline_lines)
+        return lines
