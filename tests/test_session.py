@@ -42,7 +42,7 @@ def test_a_variants_load_time_counts_the_models_it_calls_and_the_first_load_wins
     assert session.variant_bytes()["blip_caption"] == 1110
 
 
-def test_finish_records_only_gated_variants_and_writes_the_report(tmp_path: Path, fingerprint) -> None:
+def test_finish_records_only_gated_variants_and_writes_the_report(tmp_path: Path, fingerprint) -> None:  # noqa: F811
     store = BaselineStore(tmp_path / "baselines")
     run = PerfRun(
         settings=PerfSettings(load=None, concurrency=None, request_rate=None, tolerance_pct=None),
