@@ -194,3 +194,11 @@ def test_reachability_is_checked_on_the_url_the_load_uses() -> None:
     check_reachable("system", "127.0.0.1:8001")
     with pytest.raises(SharedMemoryError):
         check_reachable("cuda", "gpu-box:8001")
+
+
+def test_a_container_shares_host_ipc_only_under_shared_memory() -> None:
+    from blip_triton_bench.servers.container import ipc_options
+
+    assert ipc_options("none", "1g") == {"shm_size": "1g"}  # unchanged: a private 1 GB /dev/shm
+    assert ipc_options("system", "1g") == {"ipc_mode": "host"}
+    assert ipc_options("cuda", "1g") == {"ipc_mode": "host"}
