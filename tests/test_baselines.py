@@ -248,3 +248,16 @@ def test_pure_modules_import_nothing_from_pytest_triton_or_docker() -> None:
     root = Path(__file__).resolve().parents[1]
     completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "[]"
+
+
+def test_shared_memory_keys_apart_and_none_keeps_every_recorded_path(fingerprint: Fingerprint) -> None:
+    system = replace(fingerprint, shared_memory="system")
+    assert "shared_memory" not in fingerprint.to_dict()  # "none" hashes as before the option existed
+    assert system.key() != fingerprint.key() != replace(fingerprint, shared_memory="cuda").key()
+    assert system.slug() == "16cpu-0gpu-local-grpc-shm-system"
+    assert Baseline.from_json(baseline(system, {}).to_json(), Path("x.json")).fingerprint == system
+    committed = sorted((Path(__file__).resolve().parents[1] / "baselines").glob("*/*/*.json"))
+    assert committed, "the repository's recorded baselines"
+    for path in committed:
+        stored = Baseline.from_json(path.read_text(), path).fingerprint
+        assert (stored.shared_memory, stored.dirname()) == ("none", path.parent.parent.name)

@@ -117,3 +117,13 @@ def test_malformed_concurrency_range_is_a_usage_error() -> None:
     result = run_pytest("--collect-only", "--concurrency", "4:1")
     assert result.returncode == 4
     assert "--concurrency '4:1': need 0 < start <= end and step > 0" in result.stderr
+
+
+def test_shared_memory_that_cannot_work_is_a_usage_error() -> None:
+    result = run_pytest("--collect-only", "--shared-memory", "system", "--triton-url", "10.0.0.5:8000")
+    assert result.returncode == 4
+    assert "--shared-memory system needs the server on this host, but it is at 10.0.0.5:8000" in result.stderr
+    result = run_pytest("--collect-only", "--shared-memory", "cuda", "--server", "local")
+    assert result.returncode == 4  # this CPU host has neither a GPU nor cuda-python
+    assert "--shared-memory cuda needs a GPU and cuda-python" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

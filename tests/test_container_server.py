@@ -250,3 +250,28 @@ def test_no_engine_says_how_to_start_one(repository: Path, tmp_path: Path, monke
         provider.start(repository),
     ):
         pass
+
+
+def test_system_shared_memory_reaches_a_container_that_shares_host_ipc(
+    cpu_image: BuiltImage, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """Not run on the CPU CI host without Docker; where an engine answers, a shared-memory level must succeed."""
+    from blip_triton_bench.ceiling import stage_ceiling_model
+    from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings, measure_level
+    from blip_triton_bench.workload import ModelInputs
+
+    repository = tmp_path / "ceiling"
+    name = stage_ceiling_model(repository, 384, 30524)
+    provider = ContainerProvider(
+        tmp_path / "work", startup_timeout_s=STARTUP_TIMEOUT_S, image=cpu_image.tag, gpus="none", shared_memory="system"
+    )
+    ids = np.ones((1, 16), dtype=np.int64)
+    inputs = ModelInputs(np.ones((1, 3, 384, 384), dtype=np.float32), ids, ids.copy())
+    settings = LoadSettings(
+        window_s=0.5, warmup_s=0.2, max_windows=3, min_requests_per_window=1, shared_memory="system"
+    )
+    with provider.start(repository) as server:
+        assert docker_client.containers.get(server.container_id).attrs["HostConfig"]["IpcMode"] == "host"
+        server.load_model(name)
+        level = measure_level(server.endpoints.grpc_url, name, inputs, LoadLevel(CONCURRENCY, 1), settings)
+    assert sum(len(window.latencies_ms) for window in level.windows) > 0 and level.summary.errors == 0

@@ -119,3 +119,10 @@ def test_poisson_arrivals_average_the_offered_rate(server: LocalServer) -> None:
     settings = LoadSettings(window_s=1.0, warmup_s=0.5, max_windows=4, min_requests_per_window=1, arrival="poisson")
     level = measure_level(server.endpoints.grpc_url, "busy", inputs(), LoadLevel(REQUEST_RATE, 5), settings)
     assert level.achieved_rate_per_s == pytest.approx(5, rel=0.5)
+
+
+def test_http_requests_succeed_as_grpc_ones_do(server: LocalServer) -> None:
+    settings = LoadSettings(window_s=0.5, warmup_s=0.2, max_windows=3, min_requests_per_window=1, protocol="http")
+    level = measure_level(server.endpoints.http_url, "busy", inputs(), LoadLevel(CONCURRENCY, 2), settings)
+    assert sum(len(window.latencies_ms) for window in level.windows) > 0
+    assert level.summary.errors == 0  # a float `timeout` once made the server reject every HTTP request

@@ -60,3 +60,17 @@ def test_bad_parameters_name_the_config_file(tmp_path: Path) -> None:
     )
     with pytest.raises(PerfConfigError, match=r"parameters 'bench_tolerance_pct' is 'lots'; it must be a number"):
         variant_tolerance_pct(bad_tolerance, DEFAULTS)
+
+
+def test_a_shared_memory_run_reads_and_records_baselines_of_its_own(tmp_path: Path) -> None:
+    from blip_triton_bench.baselines import BaselineStore, Fingerprint
+    from blip_triton_bench.perf import PerfRun
+
+    fingerprint = Fingerprint("cpu", 2, (), 0, "", "2.51.0", "local", "", "tiny", "1", "grpc")
+    settings = PerfSettings(
+        load=LoadSettings(shared_memory="system"), concurrency=None, request_rate=None, tolerance_pct=None
+    )
+    run = PerfRun(settings, BaselineStore(tmp_path), fingerprint, "127.0.0.1:8001", None, lambda: None)
+    assert run.baseline_path("v").parent.parent.name.startswith("2cpu-0gpu-local-grpc-shm-system-")
+    plain = PerfRun(DEFAULTS, BaselineStore(tmp_path), fingerprint, "127.0.0.1:8001", None, lambda: None)
+    assert plain.fingerprint == fingerprint

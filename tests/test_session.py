@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from blip_triton_bench.baselines import BaselineStore
-from blip_triton_bench.load import CONCURRENCY, LoadLevel
+from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings
 from blip_triton_bench.perf import PerfRun, PerfSettings
 from blip_triton_bench.repository import discover_variants
 from blip_triton_bench.servers.base import ModelLoad, ServerStartError
@@ -45,7 +45,7 @@ def test_a_variants_load_time_counts_the_models_it_calls_and_the_first_load_wins
 def test_finish_records_only_gated_variants_and_writes_the_report(tmp_path: Path, fingerprint) -> None:  # noqa: F811
     store = BaselineStore(tmp_path / "baselines")
     run = PerfRun(
-        settings=PerfSettings(load=None, concurrency=None, request_rate=None, tolerance_pct=None),
+        settings=PerfSettings(load=LoadSettings(), concurrency=None, request_rate=None, tolerance_pct=None),
         store=store,
         fingerprint=fingerprint,
         url="unused",
