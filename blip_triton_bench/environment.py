@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import io
 import logging
 import os
 import re
@@ -79,13 +80,12 @@ def installed_onnxruntime() -> list[Distribution]:
     return installed
 
 
-def onnxruntime_distribution(installed: Sequence[Distribution]) -> str:
-    """How a message names the installed ONNX Runtime ("onnxruntime-gpu 1.31.1")."""
-    if len(installed) == 1:
-        return f"{_canonical(installed[0].name)} {installed[0].version}"
-    import onnxruntime
-
-    return f"onnxruntime {onnxruntime.__version__}"
+def onnxruntime_distribution(installed: Sequence[Distribution], imported_version: str) -> str:
+    """How a message names the onnxruntime this process imported ("onnxruntime-gpu 1.31.1"): the installed
+    distribution of that version, or just its version where that does not tell which."""
+    matching = {_canonical(d.name) for d in installed if d.version == imported_version}
+    name = matching.pop() if len(matching) == 1 else ONNXRUNTIME_PACKAGE
+    return f"{name} {imported_version}"
 
 
 def _identity_model(ir_version: int) -> bytes:
@@ -143,11 +143,13 @@ def summarise_provider_failure(session_providers: Sequence[str], log_text: str) 
 
 
 @contextlib.contextmanager
-def _stderr_captured() -> Iterator[list[str]]:
-    """What native code writes to file descriptor 2 meanwhile (ONNX Runtime logs provider failures there, not as
-    exceptions); the list holds the text once the block ends."""
+def _output_captured() -> Iterator[list[str]]:
+    """What is written meanwhile to file descriptor 2 (ONNX Runtime's native log, where a provider that failed to
+    load says why) and to sys.stdout (its Python layer prints "EP Error ... Falling back"); the list holds the text
+    once the block ends."""
     captured: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as sink:
+    printed = io.StringIO()
+    with tempfile.TemporaryFile(mode="w+b") as sink, contextlib.redirect_stdout(printed):
         saved = os.dup(2)
         try:
             os.dup2(sink.fileno(), 2)
@@ -156,7 +158,7 @@ def _stderr_captured() -> Iterator[list[str]]:
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
-            captured.append(sink.read().decode(errors="replace"))
+            captured.extend([sink.read().decode(errors="replace"), printed.getvalue()])
 
 
 @functools.cache  # one session per provider and process: TensorRT's libraries load (or fail to) once
@@ -169,7 +171,7 @@ def probe_provider(provider: str) -> ProviderProbe:
     """
     import onnxruntime
 
-    with warnings.catch_warnings(), _stderr_captured() as log:
+    with warnings.catch_warnings(), _output_captured() as log:
         warnings.simplefilter("ignore")  # "Specified provider ... is not in available provider names"
         try:
             session = onnxruntime.InferenceSession(_identity_model(8), providers=[provider, CPU_PROVIDER])
