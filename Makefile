@@ -3,16 +3,30 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Which ONNX Runtime build (the project's extra): gpu where nvidia-smi lists a GPU, else cpu; `make install ORT=cpu`
+# overrides. Only one may be installed: both builds own the `onnxruntime` package.
+ORT ?= $(if $(shell nvidia-smi -L 2>/dev/null | grep '^GPU '),gpu,cpu)
+ifeq ($(filter $(ORT),cpu gpu),)
+$(error ORT must be cpu or gpu, not '$(ORT)')
+endif
+# Records the build installed: a different choice has no such file, so the install step runs again.
+ORT_STAMP := $(VENV)/.onnxruntime-$(ORT)
 
 .PHONY: install test bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(ORT_STAMP)
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# The CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build); then the project.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	# Neither ONNX Runtime build first, so switching ORT never leaves the other's files under `onnxruntime/`.
+	$(PYTHON) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu
+	$(PYTHON) -m pip install --quiet -e '.[dev,$(ORT)]'
+	rm -f $(VENV)/.onnxruntime-*
+	touch $(ORT_STAMP) $(STAMP)
+
+# No recipe: while the file is missing (first install, or ORT changed) make counts it as remade, so $(STAMP) is too.
+$(ORT_STAMP):
 
 install: $(STAMP)
 

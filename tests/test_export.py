@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 
+from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
 from blip_triton_bench.export import ExportError, export_model
 from blip_triton_bench.model import LoadedModel, ModelSourceError, ModelSpec, describe_model, load_model
 from blip_triton_bench.workload import build_inputs
@@ -62,6 +64,11 @@ def test_large_models_use_external_data(tiny: LoadedModel, tmp_path: Path) -> No
     # The graph file keeps only tensors under 1 KB inline; the weights live in the data file.
     assert external.onnx_path.stat().st_size * 10 < inline.onnx_path.stat().st_size
     np.testing.assert_array_equal(run_onnx(external.onnx_path, tiny), run_onnx(inline.onnx_path, tiny))
+    for exported in (inline, external):
+        assert (
+            onnx.load(str(exported.onnx_path), load_external_data=False).ir_version
+            <= max_ir_version_onnxruntime_loads()
+        )
 
 
 def test_a_save_pretrained_directory_goes_through_the_same_path(tiny: LoadedModel, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from blip_triton_bench.agreement import AgreementBelowThreshold, check_agreement, measure_agreement
 from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS
+from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
 from blip_triton_bench.export import ExportedModel, export_model
 from blip_triton_bench.model import LoadedModel, ModelSpec, load_model
 from blip_triton_bench.quantize import DEFAULT_RECIPE, QuantizationRecipe, quantize_model
@@ -114,6 +115,11 @@ def test_a_source_with_external_data_quantizes_the_same(
     expected = logits(int8.onnx_path, requests)
     np.testing.assert_array_equal(logits(inline_from_external.onnx_path, requests), expected)
     np.testing.assert_array_equal(logits(external_from_external.onnx_path, requests), expected)
+    for quantized in (int8, inline_from_external, external_from_external):
+        assert (
+            onnx.load(str(quantized.onnx_path), load_external_data=False).ir_version
+            <= max_ir_version_onnxruntime_loads()
+        )
 
 
 def test_int8_agreement_with_fp32_on_real_images(

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from blip_triton_bench.environment import ProviderProbe
 from blip_triton_bench.repository import (
     CAPTIONER_ROLE,
     COMPONENT_ROLE,
     LOGITS_ROLE,
     ConfigError,
+    ServerProviders,
     discover_variants,
     load_variant,
+    provider_unmet_reason,
     select_variants,
     stage_generated,
     stage_repository,
@@ -22,6 +25,8 @@ from blip_triton_bench.repository import (
 )
 
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+CPU_ONLY = ServerProviders(("CPUExecutionProvider",))
+GPU_BUILD = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 MINIMAL = """
 name: "{name}"
@@ -57,7 +62,7 @@ def test_requirements_come_from_the_config_not_the_name(tmp_path: Path) -> None:
     gpu = write_variant(tmp_path, "innocent_cpu_name", extra="instance_group [ { kind: KIND_GPU gpus: [ 2 ] } ]")
     variant = load_variant(gpu)
     assert variant.requirements.gpu_count == 3  # GPU id 2 exists only on a host with three GPUs
-    reasons = unmet_requirements(variant.requirements, gpu_count=1, server_providers=("CPUExecutionProvider",))
+    reasons = unmet_requirements(variant.requirements, gpu_count=1, server_providers=CPU_ONLY)
     assert reasons == ["needs 3 GPUs (instance_group[0] kind KIND_GPU on gpus [2]), this host has 1"]
 
 
@@ -69,11 +74,58 @@ def test_kind_auto_and_cpu_need_no_gpu(tmp_path: Path) -> None:
 def test_openvino_accelerator_needs_its_provider(tmp_path: Path) -> None:
     extra = 'optimization { execution_accelerators { cpu_execution_accelerator: [ { name: "openvino" } ] } }'
     variant = load_variant(write_variant(tmp_path, "ov", extra=extra))
-    reasons = unmet_requirements(variant.requirements, gpu_count=0, server_providers=("CPUExecutionProvider",))
+    reasons = unmet_requirements(variant.requirements, gpu_count=0, server_providers=CPU_ONLY)
     assert len(reasons) == 1
     assert "OpenVINOExecutionProvider" in reasons[0]
     assert "cpu_execution_accelerator 'openvino'" in reasons[0]
     assert unmet_requirements(variant.requirements, gpu_count=0, server_providers=None) == []
+
+
+def test_a_listed_provider_that_a_session_lost_is_unmet_with_what_onnxruntime_said() -> None:
+    lost = ProviderProbe("TensorrtExecutionProvider", usable=False, detail="libnvinfer.so.10 not loadable")
+    asked_by = "optimization.execution_accelerators.gpu_execution_accelerator 'tensorrt'"
+    reason = provider_unmet_reason("TensorrtExecutionProvider", asked_by, GPU_BUILD, "onnxruntime-gpu 1.31.1", lost)
+    assert reason == (
+        f"needs TensorRT ({asked_by}): TensorrtExecutionProvider is listed by onnxruntime-gpu 1.31.1 but a session "
+        "could not use it (libnvinfer.so.10 not loadable)"
+    )
+    kept = ProviderProbe("TensorrtExecutionProvider", usable=True)
+    assert provider_unmet_reason("TensorrtExecutionProvider", asked_by, GPU_BUILD, "ort", kept) is None
+    assert provider_unmet_reason("TensorrtExecutionProvider", asked_by, GPU_BUILD, "ort", None) is None  # unprobed
+    assert "onnxruntime 1.32.0 has CPUExecutionProvider" in (
+        provider_unmet_reason(
+            "TensorrtExecutionProvider", asked_by, ("CPUExecutionProvider",), "onnxruntime 1.32.0", None
+        )
+        or ""
+    )
+
+
+def test_tensorrt_is_probed_only_when_a_variant_needs_it_and_it_is_listed() -> None:
+    variants = {v.name: v for v in discover_variants(SEED_REPOSITORY)}
+    probed: list[str] = []
+
+    def no_libnvinfer(provider: str) -> ProviderProbe:
+        probed.append(provider)
+        return ProviderProbe(provider, usable=False, detail="libnvinfer.so.10 not loadable")
+
+    local = ServerProviders(GPU_BUILD, runtime="onnxruntime-gpu 1.31.1", probe=no_libnvinfer)
+    assert unmet_requirements(variants["base_model_gpu"].requirements, gpu_count=1, server_providers=local) == []
+    assert probed == []  # a CUDA variant does not pay for a TensorRT session
+    (reason,) = unmet_requirements(variants["trt_model"].requirements, gpu_count=1, server_providers=local)
+    assert reason.startswith("needs TensorRT (")
+    assert reason.endswith(
+        "listed by onnxruntime-gpu 1.31.1 but a session could not use it (libnvinfer.so.10 not loadable)"
+    )
+    assert probed == ["TensorrtExecutionProvider"]
+
+    probed.clear()
+    cpu_build = ServerProviders(("CPUExecutionProvider",), runtime="onnxruntime 1.32.0", probe=no_libnvinfer)
+    (reason,) = unmet_requirements(variants["trt_model"].requirements, gpu_count=1, server_providers=cpu_build)
+    assert "onnxruntime 1.32.0 has CPUExecutionProvider" in reason
+    assert probed == []  # not listed: nothing to probe
+
+    ngc = ServerProviders(GPU_BUILD, runtime="the NGC image's onnxruntime")  # a container: its list is trusted
+    assert unmet_requirements(variants["trt_model"].requirements, gpu_count=1, server_providers=ngc) == []
 
 
 def test_unknown_accelerator_is_a_config_error(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from blip_triton_bench.caption import greedy_caption
 from blip_triton_bench.correctness import TOLERANCES, Tolerance, assert_close
+from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
 from blip_triton_bench.export import export_model
 from blip_triton_bench.model import LoadedModel, ModelSpec, load_model, weights_digest
 from blip_triton_bench.split_export import (
@@ -158,6 +159,11 @@ def test_second_export_is_served_from_the_cache(tiny: LoadedModel, split: SplitM
 
 
 def test_graphs_have_the_served_names_and_dynamic_axes(tiny: LoadedModel, split: SplitModel) -> None:
+    for artifact in (split.vision, split.decoder):
+        assert (
+            onnx.load(str(artifact.onnx_path), load_external_data=False).ir_version
+            <= max_ir_version_onnxruntime_loads()
+        )
     vision = onnxruntime.InferenceSession(str(split.vision.onnx_path), providers=["CPUExecutionProvider"])
     decoder = onnxruntime.InferenceSession(str(split.decoder.onnx_path), providers=["CPUExecutionProvider"])
     layers, heads, head_dim = split.head_shape
