@@ -16,6 +16,7 @@ from blip_triton_bench.servers.base import ModelLoad, RunningServer, ServerStart
 if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test needs them
     from blip_triton_bench.agreement import Agreement
     from blip_triton_bench.caption_latency import CaptionLatency
+    from blip_triton_bench.efficiency import InProcessReference
     from blip_triton_bench.perf import PerfRun
 
 #: The key under which correctness outcomes of tests without a variant (export vs PyTorch) are kept.
@@ -33,7 +34,11 @@ class BenchSession:
     correctness: list[str] = field(default_factory=list)
     #: correctness outcomes per variant (EXPORT_GATE for tests without a variant, e.g. export vs PyTorch)
     correctness_passed: dict[str, list[bool]] = field(default_factory=dict)
-    in_process_infer_per_s: float | None = None
+    in_process_infer_per_s: float | None = None  # in-process CPU at batch 1 (suite/test_benchmarks.py)
+    #: per variant: in-process on its own provider at the batch its batcher formed (suite/test_serving_efficiency.py)
+    in_process: dict[str, InProcessReference] = field(default_factory=dict)
+    #: per variant that sets bench_min_serving_efficiency: that minimum
+    min_serving_efficiency: dict[str, float] = field(default_factory=dict)
     perf: PerfRun | None = None
     baseline_lines: list[str] = field(default_factory=list)
     report_lines: list[str] = field(default_factory=list)
@@ -103,6 +108,8 @@ class BenchSession:
             self.notes,
             self.perf.startup_results,
             session_sections(self, report_dir),
+            self.in_process,
+            self.min_serving_efficiency,
         )
 
     def summary_lines(self) -> list[str]:

@@ -46,7 +46,11 @@ def test_batching_and_instance_sweep(
     files = sorted(p for p in model_file.parent.iterdir() if p.name.startswith(model_file.name))
     inputs = build_inputs(model_description, 1, bench_options.sequence_length)
     (expected,) = reference_sessions.for_variant(swept_variant).run(["logits"], inputs.as_dict())
-    tolerance = serving_tolerance(swept_variant.requirements.gpu_count > 0, swept_variant.runs_in_fp16)
+    tolerance = serving_tolerance(
+        swept_variant.requirements.gpu_count > 0,
+        swept_variant.runs_in_fp16,
+        reference_sessions.provider_for(swept_variant).on_gpu,
+    )
 
     def check_outputs(point_name: str, point_inputs: ModelInputs) -> None:
         with TritonInferClient(triton_server.endpoints.grpc_url, "grpc") as client:

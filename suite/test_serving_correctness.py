@@ -1,4 +1,8 @@
-"""Every variant this host can serve answers like in-process ONNX Runtime, over gRPC and over HTTP."""
+"""Every variant this host can serve answers like in-process ONNX Runtime, over gRPC and over HTTP.
+
+The reference runs on the variant's own execution provider where this onnxruntime has it (a GPU variant
+against in-process CUDA), else on the CPU with the GPU-vs-CPU tolerance; the summary line names which.
+"""
 
 from __future__ import annotations
 
@@ -32,10 +36,13 @@ def test_triton_matches_onnxruntime(
 ) -> None:
     endpoints = served_variant.server.endpoints
     url = endpoints.grpc_url if protocol == "grpc" else endpoints.http_url
-    tolerance = serving_tolerance(
-        on_gpu=served_variant.variant.requirements.gpu_count > 0, fp16=served_variant.variant.runs_in_fp16
-    )
     session = reference_sessions.for_variant(served_variant.variant)
+    reference = reference_sessions.provider_for(served_variant.variant)
+    tolerance = serving_tolerance(
+        on_gpu=served_variant.variant.requirements.gpu_count > 0,
+        fp16=served_variant.variant.runs_in_fp16,
+        reference_on_gpu=reference.on_gpu,
+    )
     with TritonInferClient(url, protocol) as client:
         for batch_size in batch_sizes(served_variant):
             inputs = build_inputs(model_description, batch_size, SEQUENCE_LENGTH, seed=batch_size)
@@ -43,6 +50,6 @@ def test_triton_matches_onnxruntime(
             (expected,) = session.run(["logits"], inputs.as_dict())
             comparison = assert_close("logits", served, expected, tolerance)
             bench_session.correctness.append(
-                f"triton {served_variant.name} vs onnxruntime, {protocol}, batch {batch_size}: max abs error "
-                f"{comparison.max_abs_error:.2e}"
+                f"triton {served_variant.name} vs onnxruntime ({reference.describe()}), {protocol}, batch "
+                f"{batch_size}: max abs error {comparison.max_abs_error:.2e} (tolerance '{tolerance.name}')"
             )

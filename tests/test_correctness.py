@@ -66,4 +66,11 @@ def test_every_tolerance_says_why() -> None:
 def test_serving_tolerance_follows_precision_and_device() -> None:
     assert serving_tolerance(on_gpu=False, fp16=False) is TOLERANCES["triton_vs_onnxruntime"]
     assert serving_tolerance(on_gpu=True, fp16=False) is TOLERANCES["triton_gpu_vs_onnxruntime_cpu"]
+    gpu_vs_gpu = serving_tolerance(on_gpu=True, fp16=False, reference_on_gpu=True)
+    assert gpu_vs_gpu is TOLERANCES["triton_gpu_vs_onnxruntime_gpu"]
+    # Against its own provider a GPU server is held tighter than against the CPU, never looser than CPU-vs-CPU.
+    assert TOLERANCES["triton_vs_onnxruntime"].atol < gpu_vs_gpu.atol < TOLERANCES["triton_gpu_vs_onnxruntime_cpu"].atol
+    assert (
+        serving_tolerance(on_gpu=True, fp16=True, reference_on_gpu=True) is TOLERANCES["triton_fp16_vs_onnxruntime_cpu"]
+    )
     assert serving_tolerance(on_gpu=True, fp16=True) is TOLERANCES["triton_fp16_vs_onnxruntime_cpu"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from blip_triton_bench.efficiency import FormedBatch, time_in_process
 from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LevelMeasurement, LoadLevel, ServerStatistics
 from blip_triton_bench.perf import JudgedLevel
 from blip_triton_bench.report.text import markdown_table
@@ -109,7 +110,9 @@ def test_report_files_and_terminal_lines(tmp_path: Path) -> None:
     assert [level["measurement"]["level"]["mode"] for level in document["levels"]] == ["concurrency"] * 2 + [
         "request_rate"
     ]
-    assert document["serving_efficiency"][0]["ratio"] == pytest.approx(2.0)  # 4 infer/s served vs 2 in-process
+    efficiency = document["serving_efficiency"][0]
+    assert efficiency["batch1_cpu_ratio"] == pytest.approx(2.0)  # 4 infer/s served vs 2 in-process (CPU, batch 1)
+    assert efficiency["ratio"] is None and efficiency["in_process"] is None  # test_serving_efficiency did not run
     table = lines[0]
     assert "| cpu | concurrency=1 | 4.00 | 400.0 | 400.0 | 1x20 2x20 | regression (latency_p99_ms +33.3%)" in table
     assert "| cpu | concurrency=2 | 4.00 |" in table and "no baseline" in table
@@ -131,6 +134,36 @@ def test_serving_efficiency_takes_each_variants_best_level() -> None:
         judged_level("a", LoadLevel(CONCURRENCY, 1), latency_ms=400.0),  # 4 infer/s
         judged_level("a", LoadLevel(CONCURRENCY, 2), latency_ms=200.0),  # 4 infer/s (20 requests per window)
     ]
-    (efficiency,) = serving_efficiency(results, in_process_infer_per_s=None)
-    assert efficiency.ratio is None
+    (efficiency,) = serving_efficiency(results, batch1_cpu_infer_per_s=None)
+    assert efficiency.ratio is None and efficiency.batch1_cpu_ratio is None
     assert efficiency.best_level == "concurrency=1"
+
+
+def test_efficiency_table_and_json_set_the_best_level_against_in_process_at_the_formed_batch(tmp_path: Path) -> None:
+    results = [
+        judged_level("gpu", LoadLevel(CONCURRENCY, 1), latency_ms=400.0),  # 4 infer/s, batches 1x20 2x20
+        judged_level("cpu", LoadLevel(CONCURRENCY, 1), latency_ms=400.0),
+    ]
+    batch = FormedBatch(2, "carried the most inferences (2 x 20 executions)")
+    in_process = {
+        name: time_in_process(
+            lambda: None, batch, provider, "concurrency=1", 0, 1, clock=iter([0.0, 2 / rate]).__next__
+        )
+        for name, provider, rate in (("gpu", "CUDA on GPU 0", 8.0), ("cpu", "CPU", 4.0))
+    }
+    lines = write_report(tmp_path, results, 2.0, [], in_process=in_process, min_ratios={"gpu": 0.8})
+
+    efficiency = lines[2]
+    assert (
+        "| gpu | 4.00 (concurrency=1) | 1x20 2x20 | 8.00 at batch 2 (CUDA on GPU 0) | 0.50 | 0.8: BELOW | 2.00 | 2.00 |"
+        in efficiency
+    )
+    assert (
+        "| cpu | 4.00 (concurrency=1) | 1x20 2x20 | 4.00 at batch 2 (CPU) | 1.00 | - (reported only) | 2.00 | 2.00 |"
+        in efficiency
+    )
+    gpu, cpu = json.loads((tmp_path / "results.json").read_text())["serving_efficiency"]
+    assert (gpu["ratio"], gpu["meets_minimum"], gpu["min_ratio"]) == (pytest.approx(0.5), False, 0.8)
+    assert gpu["in_process"]["batch_size"] == 2 and gpu["in_process"]["provider"] == "CUDA on GPU 0"
+    assert gpu["batches_formed"] == {"1": 20, "2": 20}
+    assert (cpu["ratio"], cpu["meets_minimum"]) == (pytest.approx(1.0), None)

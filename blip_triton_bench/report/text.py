@@ -155,14 +155,32 @@ def markdown_table(results: Sequence[JudgedLevel]) -> str:
 
 
 def efficiency_table(efficiencies: Sequence[ServingEfficiency]) -> str:
+    """Best served infer/s against in-process ONNX Runtime at the batch the batcher formed (the variant's own
+    provider), its bench_min_serving_efficiency, and against in-process CPU at batch 1."""
     lines = [
-        "| variant | best infer/s (level) | in-process ONNX Runtime infer/s | served / in-process |",
-        "| --- | ---: | ---: | ---: |",
+        "| variant | best served infer/s (level) | batches formed there (size x count) | in-process infer/s at the "
+        "formed batch (provider) | served / in-process | min (bench_min_serving_efficiency) | in-process CPU batch 1 "
+        "infer/s | served / CPU batch 1 |",
+        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: |",
     ]
     for item in efficiencies:
-        in_process = f"{item.in_process_infer_per_s:.2f}" if item.in_process_infer_per_s else "not measured"
-        ratio = f"{item.ratio:.2f}" if item.ratio is not None else "-"
-        lines.append(f"| {item.variant} | {item.best_infer_per_s:.2f} ({item.best_level}) | {in_process} | {ratio} |")
+        formed = " ".join(f"{size}x{count}" for size, count in item.batches_formed.items()) or "-"
+        reference = item.in_process
+        at_batch = (
+            f"{reference.infer_per_s:.2f} at batch {reference.batch_size} ({reference.provider})"
+            if reference
+            else "not measured"
+        )
+        if item.min_ratio is None:
+            minimum = "- (reported only)"
+        else:
+            outcome = {True: "met", False: "BELOW", None: "not checked"}[item.meets_minimum]
+            minimum = f"{item.min_ratio:g}: {outcome}"
+        batch1 = f"{item.batch1_cpu_infer_per_s:.2f}" if item.batch1_cpu_infer_per_s else "not measured"
+        lines.append(
+            f"| {item.variant} | {item.best_infer_per_s:.2f} ({item.best_level}) | {formed} | {at_batch} | "
+            f"{_cell(item.ratio, '.2f')} | {minimum} | {batch1} | {_cell(item.batch1_cpu_ratio, '.2f')} |"
+        )
     return "\n".join(lines)
 
 

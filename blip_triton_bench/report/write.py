@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tritonclient.grpc import model_config_pb2
 
+from blip_triton_bench.efficiency import InProcessReference
 from blip_triton_bench.files import write_text_atomic
 from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
 from blip_triton_bench.report.plots import plot_accuracy_vs_speed, plot_frontier, plot_levels
@@ -85,7 +86,15 @@ def write_json(
         "metadata": _jsonable(metadata),
         "levels": [_jsonable(judged) for judged in results],
         "startup": [_jsonable(result) for result in startup],
-        "serving_efficiency": [{**_jsonable(item), "ratio": item.ratio} for item in efficiencies],
+        "serving_efficiency": [
+            {
+                **_jsonable(item),
+                "ratio": item.ratio,
+                "meets_minimum": item.meets_minimum,
+                "batch1_cpu_ratio": item.batch1_cpu_ratio,
+            }
+            for item in efficiencies
+        ],
         "sections": {
             section.title: {"markdown": section.markdown, "data": _jsonable(section.data)} for section in sections
         },
@@ -104,14 +113,17 @@ def write_report(
     notes: Sequence[str],
     startup: Sequence[StartupResult] = (),
     sections: Sequence[ReportSection] = (),
+    in_process: Mapping[str, InProcessReference] | None = None,
+    min_ratios: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Write results.json, results.csv, report.md and the plots; return the lines for the terminal summary.
 
     `sections` (caption latency, pick-a-variant, sweep) follow the load-level tables in report.md, the terminal
-    summary and results.json.
+    summary and results.json. `in_process_infer_per_s` is the CPU batch-1 reference; `in_process` the per-variant
+    one at the batch the batcher formed, `min_ratios` the variants' bench_min_serving_efficiency.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    efficiencies = serving_efficiency(results, in_process_infer_per_s)
+    efficiencies = serving_efficiency(results, in_process_infer_per_s, in_process, min_ratios)
     table = markdown_table(results) if results else "(no load level measured)"
     efficiency = efficiency_table(efficiencies)
     if any(result.level_id == STARTUP_LEVEL for result in startup):
