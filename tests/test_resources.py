@@ -15,6 +15,9 @@ from blip_triton_bench.resources import (
     docker_stats_reading,
     summarize_resources,
 )
+from blip_triton_bench.servers.base import Endpoints
+from blip_triton_bench.servers.container import container_gpu_indices
+from blip_triton_bench.servers.external import ExternalServer
 
 
 def sample(time_s: float, cpu_s: dict[str, float] | None, rss_mb: float = 100.0, gpus=()) -> ResourceSample:
@@ -107,3 +110,14 @@ def test_no_nvml_means_no_gpu_metrics_not_an_error() -> None:
     finally:
         gpus.close()
     assert NvmlGpus(()).reason == "GPU: the server uses no GPU"
+
+
+def test_a_container_uses_the_gpus_it_was_started_with() -> None:
+    assert container_gpu_indices("none") == () and container_gpu_indices("all") is None
+    assert container_gpu_indices("0,1") == (0, 1)
+
+
+def test_an_external_server_says_its_resources_are_not_available() -> None:
+    source = ExternalServer(Endpoints("example.invalid", 8000, 8001, 8002)).resource_source()
+    assert source.read_process is None and source.gpu_indices == ()
+    assert "external server" in source.process_unavailable and "external server" in source.gpu_unavailable
