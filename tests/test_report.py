@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LevelMeasurement, 
 from blip_triton_bench.perf import JudgedLevel
 from blip_triton_bench.report.text import markdown_table
 from blip_triton_bench.report.write import write_report
+from blip_triton_bench.resources import ResourceUsage
 from blip_triton_bench.selection import serving_efficiency
 from blip_triton_bench.stats import WindowSample, assess_stability, summarize_level
 from blip_triton_bench.verdict import compare_level
@@ -167,3 +169,90 @@ def test_efficiency_table_and_json_set_the_best_level_against_in_process_at_the_
     assert gpu["in_process"]["batch_size"] == 2 and gpu["in_process"]["provider"] == "CUDA on GPU 0"
     assert gpu["batches_formed"] == {"1": 20, "2": 20}
     assert (cpu["ratio"], cpu["meets_minimum"]) == (pytest.approx(1.0), None)
+
+
+def with_resources(judged: JudgedLevel, **fields: float | None) -> JudgedLevel:
+    values = dict.fromkeys(
+        (
+            "gpu_util_pct_mean",
+            "gpu_util_pct_max",
+            "gpu_memory_mb_max",
+            "gpu_power_w_mean",
+            "server_cpu_pct_mean",
+            "server_cpu_pct_max",
+            "server_rss_mb_max",
+        )
+    )
+    values.update(fields)
+    unavailable = () if values["gpu_util_pct_mean"] is not None else ("GPU: NVML not available (no driver)",)
+    return dataclasses.replace(judged, resources=ResourceUsage(**values, samples=8, unavailable=unavailable))
+
+
+def test_resource_use_goes_into_model_analyzers_csv_columns_after_perf_analyzers(tmp_path: Path) -> None:
+    cpu_host = with_resources(
+        judged_level("cpu", LoadLevel(CONCURRENCY, 1), 400.0), server_cpu_pct_mean=181.6, server_rss_mb_max=412.25
+    )
+    gpu_host = with_resources(
+        judged_level("gpu", LoadLevel(CONCURRENCY, 1), 40.0),
+        server_cpu_pct_mean=95.0,
+        server_rss_mb_max=900.0,
+        gpu_util_pct_mean=73.4,
+        gpu_memory_mb_max=2100.0,
+        gpu_power_w_mean=180.5,
+    )
+    unsampled = judged_level("cpu", LoadLevel(CONCURRENCY, 2), 400.0)
+    write_report(tmp_path, [cpu_host, gpu_host, unsampled], in_process_infer_per_s=None, notes=[])
+    with (tmp_path / "results.csv").open() as stream:
+        reader = csv.DictReader(stream)
+        rows = list(reader)
+    columns = reader.fieldnames
+    assert columns[columns.index("Verdict") + 1 :] == [
+        "CPU Utilization (%)",
+        "RAM Usage (MB)",
+        "GPU Utilization (%)",
+        "GPU Memory Usage (MB)",
+        "GPU Power Usage (W)",
+    ]
+    assert (rows[0]["CPU Utilization (%)"], rows[0]["RAM Usage (MB)"], rows[0]["GPU Utilization (%)"]) == (
+        "181.6",
+        "412.2",
+        "",
+    )
+    assert (rows[1]["GPU Utilization (%)"], rows[1]["GPU Memory Usage (MB)"], rows[1]["GPU Power Usage (W)"]) == (
+        "73.4",
+        "2100.0",
+        "180.5",
+    )
+    assert rows[2]["CPU Utilization (%)"] == "" and rows[2]["RAM Usage (MB)"] == ""
+    levels = json.loads((tmp_path / "results.json").read_text())["levels"]
+    assert levels[0]["resources"]["server_cpu_pct_mean"] == pytest.approx(181.6)
+    assert levels[0]["resources"]["gpu_util_pct_mean"] is None
+    assert levels[2]["resources"] is None
+    assert (tmp_path / "resources_vs_concurrency.png").stat().st_size > 10_000
+
+
+def test_levels_table_has_a_compact_resource_column_and_says_what_was_not_measured(tmp_path: Path) -> None:
+    cpu_host = with_resources(
+        judged_level("cpu", LoadLevel(CONCURRENCY, 1), 400.0), server_cpu_pct_mean=181.6, server_rss_mb_max=412.25
+    )
+    gpu_host = with_resources(
+        judged_level("gpu", LoadLevel(CONCURRENCY, 1), 40.0),
+        server_cpu_pct_mean=95.0,
+        server_rss_mb_max=900.0,
+        gpu_util_pct_mean=73.4,
+        gpu_memory_mb_max=2100.0,
+        gpu_power_w_mean=180.5,
+    )
+    external = with_resources(judged_level("ext", LoadLevel(CONCURRENCY, 1), 40.0))
+    external = dataclasses.replace(
+        external, resources=dataclasses.replace(external.resources, unavailable=("server CPU/RAM: external",))
+    )
+    table = markdown_table([cpu_host, gpu_host, external])
+    assert "| server CPU (mean) RAM (max); GPU util mem power |" in table.splitlines()[0]
+    assert "| CPU 182% 412 MB |" in table
+    assert "| CPU 95% 900 MB; GPU 73% 2100 MB 180 W |" in table
+    assert "| n/a |" in table
+    report_table = write_report(tmp_path, [cpu_host, external], in_process_infer_per_s=None, notes=[])[0]
+    assert "- Resource use not measured: GPU: NVML not available (no driver)" in report_table
+    assert "- Resource use not measured: server CPU/RAM: external" in report_table
+    assert "Resource use not measured" in (tmp_path / "report.md").read_text()

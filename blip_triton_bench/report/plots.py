@@ -98,6 +98,54 @@ def plot_levels(results: Sequence[JudgedLevel], directory: Path) -> list[Path]:
     return paths
 
 
+#: The resource panels: (ResourceUsage field, axis label); GPU panels only when some level has GPU numbers.
+SERVER_PANELS = (
+    ("server_cpu_pct_mean", "server CPU (% of one core, mean)"),
+    ("server_rss_mb_max", "server RAM (MB, max)"),
+)
+GPU_PANELS = (("gpu_util_pct_mean", "GPU utilization (%, mean)"), ("gpu_memory_mb_max", "GPU memory (MB, max)"))
+
+
+def plot_resources(results: Sequence[JudgedLevel], directory: Path) -> Path | None:
+    """Server CPU and RAM (and GPU utilisation and memory on GPU hosts) vs concurrency, one line per variant;
+    None when no closed-loop level has any resource number (an external server, or nothing sampled)."""
+    closed = [j for j in results if j.measurement.level.mode == CONCURRENCY and j.resources is not None]
+
+    def has(name: str) -> bool:
+        return any(getattr(j.resources, name) is not None for j in closed)
+
+    panels = [panel for panel in (*SERVER_PANELS, *GPU_PANELS) if has(panel[0])]
+    if not panels:
+        return None
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    variants = list(dict.fromkeys(j.variant for j in closed))
+    for axis, (name, label) in zip(axes[0], panels, strict=True):
+        for index, variant in enumerate(variants):
+            points = sorted(
+                (j for j in closed if j.variant == variant and getattr(j.resources, name) is not None),
+                key=lambda j: j.measurement.level.value,
+            )
+            if points:
+                axis.plot(
+                    [j.measurement.level.value for j in points],
+                    [getattr(j.resources, name) for j in points],
+                    marker="o",
+                    color=f"C{index}",
+                    label=variant,
+                )
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_ylim(bottom=0)
+        axis.set(xlabel="concurrency (requests in flight)", ylabel=label)
+        axis.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle("Server resource use vs concurrency (measured windows)")
+    figure.tight_layout()
+    return save_figure(figure, directory / "resources_vs_concurrency.png")
+
+
 def plot_accuracy_vs_speed(summaries: Sequence[VariantSummary], directory: Path) -> Path | None:
     """Captions per second (x) against caption exact match with the FP32 teacher (y), one point per variant."""
     points = [

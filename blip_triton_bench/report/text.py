@@ -11,8 +11,19 @@ from collections.abc import Mapping, Sequence
 from blip_triton_bench.caption_latency import CaptionLatency, speedup
 from blip_triton_bench.load import CONCURRENCY
 from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
+from blip_triton_bench.resources import ResourceUsage
 from blip_triton_bench.selection import ServingEfficiency, VariantSummary
 from blip_triton_bench.sweep import SweepMeasurement, SweepPoint
+
+#: Resource use per level under Model Analyzer's names (perf_analyzer has none): CPU as a mean over the measured
+#: windows, memory as its peak, GPU utilisation and power as means.
+RESOURCE_CSV_COLUMNS = (
+    "CPU Utilization (%)",
+    "RAM Usage (MB)",
+    "GPU Utilization (%)",
+    "GPU Memory Usage (MB)",
+    "GPU Power Usage (W)",
+)
 
 #: perf_analyzer's CSV column names where one exists (latencies in microseconds, as it writes them).
 CSV_COLUMNS = (
@@ -35,6 +46,7 @@ CSV_COLUMNS = (
     "Baseline Inferences/Second",
     "Baseline p99 latency",
     "Verdict",
+    *RESOURCE_CSV_COLUMNS,
 )
 
 #: The sweep's CSV: the level columns it measures, then the knobs, then where the point stands.
@@ -117,7 +129,50 @@ def csv_row(judged: JudgedLevel) -> dict[str, str]:
         "Baseline Inferences/Second": f"{baseline['throughput_infer_per_s']:.4f}" if baseline else "",
         "Baseline p99 latency": usec(baseline.get("latency_p99_ms")) if baseline else "",
         "Verdict": verdict_text(judged),
+        **resource_cells(judged.resources),
     }
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def resource_cells(usage: ResourceUsage | None) -> dict[str, str]:
+    """The resource columns of a CSV row; empty where the metric was not available."""
+    if usage is None:
+        return dict.fromkeys(RESOURCE_CSV_COLUMNS, "")
+    return {
+        "CPU Utilization (%)": _number(usage.server_cpu_pct_mean),
+        "RAM Usage (MB)": _number(usage.server_rss_mb_max),
+        "GPU Utilization (%)": _number(usage.gpu_util_pct_mean),
+        "GPU Memory Usage (MB)": _number(usage.gpu_memory_mb_max),
+        "GPU Power Usage (W)": _number(usage.gpu_power_w_mean),
+    }
+
+
+def resources_cell(usage: ResourceUsage | None) -> str:
+    """The levels table's compact resource column, e.g. `CPU 182% 412 MB; GPU 73% 2100 MB 180 W`."""
+    if usage is None:
+        return "-"
+    parts = []
+    if usage.server_cpu_pct_mean is not None or usage.server_rss_mb_max is not None:
+        cpu = f"{usage.server_cpu_pct_mean:.0f}%" if usage.server_cpu_pct_mean is not None else "?%"
+        rss = f"{usage.server_rss_mb_max:.0f} MB" if usage.server_rss_mb_max is not None else "? MB"
+        parts.append(f"CPU {cpu} {rss}")
+    if usage.gpu_util_pct_mean is not None:
+        parts.append(
+            f"GPU {usage.gpu_util_pct_mean:.0f}% {_number(usage.gpu_memory_mb_max, 0)} MB "
+            f"{_number(usage.gpu_power_w_mean, 0)} W"
+        )
+    return "; ".join(parts) or "n/a"
+
+
+def resource_notes(results: Sequence[JudgedLevel]) -> list[str]:
+    """Why resource metrics are missing (external server, no NVML), once per reason, for under the table."""
+    reasons = dict.fromkeys(
+        reason for judged in results if judged.resources is not None for reason in judged.resources.unavailable
+    )
+    return [f"Resource use not measured: {reason}" for reason in reasons]
 
 
 def batches_formed(judged: JudgedLevel) -> str:
@@ -130,8 +185,9 @@ def batches_formed(judged: JudgedLevel) -> str:
 
 def markdown_table(results: Sequence[JudgedLevel]) -> str:
     lines = [
-        "| variant | level | infer/s | p50 ms | p99 ms | batches formed (size x count) | vs baseline | notes |",
-        "| --- | --- | ---: | ---: | ---: | --- | --- | --- |",
+        "| variant | level | infer/s | p50 ms | p99 ms | batches formed (size x count) | vs baseline "
+        "| server CPU (mean) RAM (max); GPU util mem power | notes |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for judged in results:
         summary = judged.measurement.summary
@@ -149,7 +205,7 @@ def markdown_table(results: Sequence[JudgedLevel]) -> str:
         lines.append(
             f"| {judged.variant} | {judged.measurement.level.level_id} | {summary.throughput_infer_per_s:.2f} | "
             f"{summary.latency_p50_ms:.1f} | {summary.latency_p99_ms:.1f} | {batches_formed(judged)} | "
-            f"{verdict_text(judged)} | {'; '.join(notes)} |"
+            f"{verdict_text(judged)} | {resources_cell(judged.resources)} | {'; '.join(notes)} |"
         )
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2
 from blip_triton_bench.efficiency import InProcessReference
 from blip_triton_bench.files import write_text_atomic
 from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
-from blip_triton_bench.report.plots import plot_accuracy_vs_speed, plot_frontier, plot_levels
+from blip_triton_bench.report.plots import plot_accuracy_vs_speed, plot_frontier, plot_levels, plot_resources
 from blip_triton_bench.report.text import (
     CSV_COLUMNS,
     budget_text,
@@ -27,6 +27,7 @@ from blip_triton_bench.report.text import (
     csv_text,
     efficiency_table,
     markdown_table,
+    resource_notes,
     startup_table,
     sweep_csv,
     sweep_markdown,
@@ -125,12 +126,16 @@ def write_report(
     directory.mkdir(parents=True, exist_ok=True)
     efficiencies = serving_efficiency(results, in_process_infer_per_s, in_process, min_ratios)
     table = markdown_table(results) if results else "(no load level measured)"
+    if notes_on_resources := resource_notes(results):
+        table += "\n\n" + "\n".join(f"- {note}" for note in notes_on_resources)
     efficiency = efficiency_table(efficiencies)
     if any(result.level_id == STARTUP_LEVEL for result in startup):
         efficiency += "\n\n" + startup_table(startup)
     write_json(directory / "results.json", {"notes": list(notes)}, results, efficiencies, startup, sections)
     write_csv(directory / "results.csv", results)
     plots = plot_levels(results, directory)
+    if resources_plot := plot_resources(results, directory):
+        plots.append(resources_plot)
     parts = ["# blip-triton-bench report", table, "## Serving efficiency", efficiency]
     parts += [f"![]({p.name})" for p in plots]
     for section in sections:
