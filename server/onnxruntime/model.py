@@ -56,6 +56,37 @@ PROVIDER_FIX = {
 }
 
 
+#: The nvidia-pytriton 0.7.0 Python backend stub is built against numpy 1's C API. Under numpy 2 it reads
+#: arrays wrongly: `pb_utils.Tensor(name, array)` sends zero bytes (shape intact) and `as_numpy()` returns
+#: inputs with zero strides (every element equals the first). DLPack carries both correctly under numpy 2;
+#: under numpy 1.26, `Tensor.from_dlpack` of an ndarray makes the stub unhealthy, so numpy 1 keeps the
+#: numpy path. Measured on the tiny BLIP export (tests/test_stub_numpy.py). The captioner's BLS model
+#: (model_repository/blip_caption/1/model.py) carries the same two functions: Triton loads it from the
+#: model repository and this file from the backend directory, so neither can import the other.
+NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
+def to_triton(name: str, array: Any) -> Any:
+    """A pb_utils.Tensor holding `array` (an ndarray or another pb_utils.Tensor) whole, under numpy 1 and 2."""
+    if isinstance(array, pb_utils.Tensor):
+        if not NUMPY_2:
+            return pb_utils.Tensor(name, array.as_numpy())
+        return pb_utils.Tensor.from_dlpack(name, array)
+    array = np.ascontiguousarray(array)  # DLPack exports C-order only
+    # Strings (BYTES) have no DLPack form; an empty array has no bytes to lose (and the stub calls numpy's
+    # DLPack strides of a zero-size array non-contiguous).
+    if not NUMPY_2 or array.dtype == np.object_ or array.size == 0:
+        return pb_utils.Tensor(name, array)
+    if not array.flags.writeable:  # numpy refuses to export a read-only array over DLPack
+        array = array.copy()
+    return pb_utils.Tensor.from_dlpack(name, array)
+
+
+def from_triton(tensor: Any) -> np.ndarray:
+    """The ndarray a pb_utils.Tensor in host memory holds, read correctly under numpy 1 and 2."""
+    return np.from_dlpack(tensor) if NUMPY_2 else tensor.as_numpy()
+
+
 class BackendConfigError(Exception):
     """The config asks for something this backend or this onnxruntime cannot do."""
 
@@ -160,9 +191,7 @@ def _group_by_shape(requests: Sequence[Any], input_names: Sequence[str]) -> dict
     """Request indices keyed by their non-batch input shapes: only equal shapes can share one run."""
     groups: dict[tuple, list[int]] = {}
     for index, request in enumerate(requests):
-        shapes = tuple(
-            tuple(pb_utils.get_input_tensor_by_name(request, name).as_numpy().shape[1:]) for name in input_names
-        )
+        shapes = tuple(tuple(pb_utils.get_input_tensor_by_name(request, name).shape()[1:]) for name in input_names)
         groups.setdefault(shapes, []).append(index)
     return groups
 
@@ -200,7 +229,7 @@ class TritonPythonModel:
     def _run(self, requests: Sequence[Any]) -> list[dict[str, np.ndarray]]:
         """Concatenate along the batch dimension, run once, split back per request."""
         arrays = {
-            name: [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for request in requests]
+            name: [from_triton(pb_utils.get_input_tensor_by_name(request, name)) for request in requests]
             for name in self.input_names
         }
         feed = {name: parts[0] if len(parts) == 1 else np.concatenate(parts) for name, parts in arrays.items()}
@@ -214,9 +243,7 @@ class TritonPythonModel:
 
     def _respond(self, request: Any, outputs: dict[str, np.ndarray]) -> Any:
         wanted = request.requested_output_names() or self.output_names
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(outputs[name])) for name in wanted]
-        )
+        return pb_utils.InferenceResponse(output_tensors=[to_triton(name, outputs[name]) for name in wanted])
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
