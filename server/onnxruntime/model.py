@@ -223,7 +223,8 @@ class TritonPythonModel:
             f"onnxruntime backend: model '{self.name}' instance {args.get('model_instance_name', '')} "
             f"kind {instance_kind} providers {self.session.get_providers()} "
             f"intra_op_num_threads {options.intra_op_num_threads} inter_op_num_threads {options.inter_op_num_threads} "
-            f"graph_optimization_level {options.graph_optimization_level.name} file {model_path}"
+            f"graph_optimization_level {options.graph_optimization_level.name} file {model_path} "
+            f"numpy {np.__version__} onnxruntime {onnxruntime.__version__}"
         )
 
     def _run(self, requests: Sequence[Any]) -> list[dict[str, np.ndarray]]:
