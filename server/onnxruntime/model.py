@@ -7,9 +7,12 @@ runs one ONNX Runtime call per batch the dynamic batcher forms.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -169,6 +172,58 @@ def providers_for(config: dict[str, Any], instance_kind: str, device_id: int, av
     return providers
 
 
+#: How ONNX Runtime logs a provider library whose own dependency is missing, e.g. "Failed to load library
+#: libonnxruntime_providers_tensorrt.so with error: libnvinfer.so.10: cannot open shared object file".
+MISSING_LIBRARY = re.compile(r"(lib[\w.+-]+?\.so[\d.]*?)\s*: cannot open shared object file")
+FAILED_LIBRARY = re.compile(r"Failed to load library (\S+)")
+
+
+def provider_names(providers: Sequence[Any]) -> list[str]:
+    """The names in an InferenceSession providers list (each a name or a (name, options) pair)."""
+    return [provider if isinstance(provider, str) else provider[0] for provider in providers]
+
+
+def check_active_providers(requested: Sequence[str], active: Sequence[str], onnxruntime_log: str) -> None:
+    """Fail when the session runs without a provider the config asked for.
+
+    ONNX Runtime lists TensorRT as available whenever its provider library ships, and when that library cannot
+    load (e.g. libnvinfer.so.10 absent) it logs an error and falls back to the next provider: a TensorRT FP16
+    variant was served on plain CUDA, reported "successfully loaded". Only the session's own list tells.
+    """
+    missing = [name for name in requested if name not in active]
+    if not missing:
+        return
+    libraries = MISSING_LIBRARY.findall(onnxruntime_log) or FAILED_LIBRARY.findall(onnxruntime_log)
+    cause = (
+        f"ONNX Runtime could not load {', '.join(dict.fromkeys(libraries))}"
+        if libraries
+        else "ONNX Runtime logged no library it failed to load (see its lines above in the server log)"
+    )
+    fixes = "; ".join(PROVIDER_FIX[name] for name in missing if name in PROVIDER_FIX)
+    raise BackendConfigError(
+        f"the config asks for {', '.join(missing)} but ONNX Runtime {onnxruntime.__version__} created the session "
+        f"with {', '.join(active)} only (it falls back silently); {cause}" + (f"; fix: {fixes}" if fixes else "")
+    )
+
+
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[list[str]]:
+    """Collect what native code (ONNX Runtime's logger) writes to fd 2 meanwhile; it is passed on to the log too."""
+    captured: list[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read()
+            os.write(2, text)
+            captured.append(text.decode(errors="replace"))
+
+
 def check_io(config: dict[str, Any], session: onnxruntime.InferenceSession, model_path: str) -> None:
     """Every configured input and output exists in the graph with the same element type."""
     for field_name, graph_values in (("input", session.get_inputs()), ("output", session.get_outputs())):
@@ -214,7 +269,9 @@ class TritonPythonModel:
         device_id = int(args.get("model_instance_device_id", 0))
         options = session_options(self.config)
         providers = providers_for(self.config, instance_kind, device_id, onnxruntime.get_available_providers())
-        self.session = onnxruntime.InferenceSession(model_path, sess_options=options, providers=providers)
+        with native_stderr_captured() as onnxruntime_log:
+            self.session = onnxruntime.InferenceSession(model_path, sess_options=options, providers=providers)
+        check_active_providers(provider_names(providers), self.session.get_providers(), "".join(onnxruntime_log))
         check_io(self.config, self.session, model_path)
         self.input_names = [tensor["name"] for tensor in self.config.get("input", [])]
         self.output_names = [tensor["name"] for tensor in self.config.get("output", [])]
