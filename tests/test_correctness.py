@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from tritonclient.grpc import service_pb2
 
 from blip_triton_bench.correctness import (
     TOLERANCES,
+    EmptyOutput,
     OutputMismatch,
     Tolerance,
     assert_close,
     compare_outputs,
+    served_array,
     serving_tolerance,
 )
 
@@ -74,3 +81,46 @@ def test_serving_tolerance_follows_precision_and_device() -> None:
         serving_tolerance(on_gpu=True, fp16=True, reference_on_gpu=True) is TOLERANCES["triton_fp16_vs_onnxruntime_cpu"]
     )
     assert serving_tolerance(on_gpu=True, fp16=True) is TOLERANCES["triton_fp16_vs_onnxruntime_cpu"]
+
+
+LOGITS_SHAPE = [1, 16, 30524]
+LOGITS_BYTES = 16 * 30524 * 4
+
+
+def grpc_result(raw: bytes) -> triton_grpc.InferResult:
+    response = service_pb2.ModelInferResponse(model_name="m")
+    response.outputs.add(name="logits", datatype="FP32", shape=LOGITS_SHAPE)
+    response.raw_output_contents.append(raw)
+    return triton_grpc.InferResult(response)
+
+
+def http_result(raw: bytes) -> triton_http.InferResult:
+    header = json.dumps(
+        {
+            "model_name": "m",
+            "outputs": [
+                {
+                    "name": "logits",
+                    "datatype": "FP32",
+                    "shape": LOGITS_SHAPE,
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+        }
+    ).encode()
+    return triton_http.InferResult.from_response_body(header + raw, header_length=len(header))
+
+
+@pytest.mark.parametrize("make_result", [grpc_result, http_result], ids=["grpc", "http"])
+def test_an_output_with_its_shape_but_no_bytes_is_named_not_a_reshape_error(make_result) -> None:
+    with pytest.raises(EmptyOutput, match=rf"empty output tensor logits: 0 of {LOGITS_BYTES} bytes"):
+        served_array(make_result(b""), "logits")
+    with pytest.raises(EmptyOutput, match=rf"truncated output tensor logits: 8 of {LOGITS_BYTES} bytes"):
+        served_array(make_result(b"\0" * 8), "logits")
+    logits = np.arange(16 * 30524, dtype=np.float32).reshape(LOGITS_SHAPE)
+    np.testing.assert_array_equal(served_array(make_result(logits.tobytes()), "logits"), logits)
+
+
+def test_a_missing_output_is_named() -> None:
+    with pytest.raises(OutputMismatch, match="the response has no output tensor token_ids"):
+        served_array(grpc_result(b""), "token_ids")

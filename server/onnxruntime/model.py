@@ -7,9 +7,12 @@ runs one ONNX Runtime call per batch the dynamic batcher forms.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +57,37 @@ PROVIDER_FIX = {
     "TensorrtExecutionProvider": "install onnxruntime-gpu built with TensorRT and the TensorRT libraries",
     "OpenVINOExecutionProvider": "install onnxruntime-openvino",
 }
+
+
+#: The nvidia-pytriton 0.7.0 Python backend stub is built against numpy 1's C API. Under numpy 2 it reads
+#: arrays wrongly: `pb_utils.Tensor(name, array)` sends zero bytes (shape intact) and `as_numpy()` returns
+#: inputs with zero strides (every element equals the first). DLPack carries both correctly under numpy 2;
+#: under numpy 1.26, `Tensor.from_dlpack` of an ndarray makes the stub unhealthy, so numpy 1 keeps the
+#: numpy path. Measured on the tiny BLIP export (tests/test_stub_numpy.py). The captioner's BLS model
+#: (model_repository/blip_caption/1/model.py) carries the same two functions: Triton loads it from the
+#: model repository and this file from the backend directory, so neither can import the other.
+NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
+def to_triton(name: str, array: Any) -> Any:
+    """A pb_utils.Tensor holding `array` (an ndarray or another pb_utils.Tensor) whole, under numpy 1 and 2."""
+    if isinstance(array, pb_utils.Tensor):
+        if not NUMPY_2:
+            return pb_utils.Tensor(name, array.as_numpy())
+        return pb_utils.Tensor.from_dlpack(name, array)
+    array = np.ascontiguousarray(array)  # DLPack exports C-order only
+    # Strings (BYTES) have no DLPack form; an empty array has no bytes to lose (and the stub calls numpy's
+    # DLPack strides of a zero-size array non-contiguous).
+    if not NUMPY_2 or array.dtype == np.object_ or array.size == 0:
+        return pb_utils.Tensor(name, array)
+    if not array.flags.writeable:  # numpy refuses to export a read-only array over DLPack
+        array = array.copy()
+    return pb_utils.Tensor.from_dlpack(name, array)
+
+
+def from_triton(tensor: Any) -> np.ndarray:
+    """The ndarray a pb_utils.Tensor in host memory holds, read correctly under numpy 1 and 2."""
+    return np.from_dlpack(tensor) if NUMPY_2 else tensor.as_numpy()
 
 
 class BackendConfigError(Exception):
@@ -138,6 +172,58 @@ def providers_for(config: dict[str, Any], instance_kind: str, device_id: int, av
     return providers
 
 
+#: How ONNX Runtime logs a provider library whose own dependency is missing, e.g. "Failed to load library
+#: libonnxruntime_providers_tensorrt.so with error: libnvinfer.so.10: cannot open shared object file".
+MISSING_LIBRARY = re.compile(r"(lib[\w.+-]+?\.so[\d.]*?)\s*: cannot open shared object file")
+FAILED_LIBRARY = re.compile(r"Failed to load library (\S+)")
+
+
+def provider_names(providers: Sequence[Any]) -> list[str]:
+    """The names in an InferenceSession providers list (each a name or a (name, options) pair)."""
+    return [provider if isinstance(provider, str) else provider[0] for provider in providers]
+
+
+def check_active_providers(requested: Sequence[str], active: Sequence[str], onnxruntime_log: str) -> None:
+    """Fail when the session runs without a provider the config asked for.
+
+    ONNX Runtime lists TensorRT as available whenever its provider library ships, and when that library cannot
+    load (e.g. libnvinfer.so.10 absent) it logs an error and falls back to the next provider: a TensorRT FP16
+    variant was served on plain CUDA, reported "successfully loaded". Only the session's own list tells.
+    """
+    missing = [name for name in requested if name not in active]
+    if not missing:
+        return
+    libraries = MISSING_LIBRARY.findall(onnxruntime_log) or FAILED_LIBRARY.findall(onnxruntime_log)
+    cause = (
+        f"ONNX Runtime could not load {', '.join(dict.fromkeys(libraries))}"
+        if libraries
+        else "ONNX Runtime logged no library it failed to load (see its lines above in the server log)"
+    )
+    fixes = "; ".join(PROVIDER_FIX[name] for name in missing if name in PROVIDER_FIX)
+    raise BackendConfigError(
+        f"the config asks for {', '.join(missing)} but ONNX Runtime {onnxruntime.__version__} created the session "
+        f"with {', '.join(active)} only (it falls back silently); {cause}" + (f"; fix: {fixes}" if fixes else "")
+    )
+
+
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[list[str]]:
+    """Collect what native code (ONNX Runtime's logger) writes to fd 2 meanwhile; it is passed on to the log too."""
+    captured: list[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read()
+            os.write(2, text)
+            captured.append(text.decode(errors="replace"))
+
+
 def check_io(config: dict[str, Any], session: onnxruntime.InferenceSession, model_path: str) -> None:
     """Every configured input and output exists in the graph with the same element type."""
     for field_name, graph_values in (("input", session.get_inputs()), ("output", session.get_outputs())):
@@ -160,9 +246,7 @@ def _group_by_shape(requests: Sequence[Any], input_names: Sequence[str]) -> dict
     """Request indices keyed by their non-batch input shapes: only equal shapes can share one run."""
     groups: dict[tuple, list[int]] = {}
     for index, request in enumerate(requests):
-        shapes = tuple(
-            tuple(pb_utils.get_input_tensor_by_name(request, name).as_numpy().shape[1:]) for name in input_names
-        )
+        shapes = tuple(tuple(pb_utils.get_input_tensor_by_name(request, name).shape()[1:]) for name in input_names)
         groups.setdefault(shapes, []).append(index)
     return groups
 
@@ -185,7 +269,9 @@ class TritonPythonModel:
         device_id = int(args.get("model_instance_device_id", 0))
         options = session_options(self.config)
         providers = providers_for(self.config, instance_kind, device_id, onnxruntime.get_available_providers())
-        self.session = onnxruntime.InferenceSession(model_path, sess_options=options, providers=providers)
+        with native_stderr_captured() as onnxruntime_log:
+            self.session = onnxruntime.InferenceSession(model_path, sess_options=options, providers=providers)
+        check_active_providers(provider_names(providers), self.session.get_providers(), "".join(onnxruntime_log))
         check_io(self.config, self.session, model_path)
         self.input_names = [tensor["name"] for tensor in self.config.get("input", [])]
         self.output_names = [tensor["name"] for tensor in self.config.get("output", [])]
@@ -194,13 +280,14 @@ class TritonPythonModel:
             f"onnxruntime backend: model '{self.name}' instance {args.get('model_instance_name', '')} "
             f"kind {instance_kind} providers {self.session.get_providers()} "
             f"intra_op_num_threads {options.intra_op_num_threads} inter_op_num_threads {options.inter_op_num_threads} "
-            f"graph_optimization_level {options.graph_optimization_level.name} file {model_path}"
+            f"graph_optimization_level {options.graph_optimization_level.name} file {model_path} "
+            f"numpy {np.__version__} onnxruntime {onnxruntime.__version__}"
         )
 
     def _run(self, requests: Sequence[Any]) -> list[dict[str, np.ndarray]]:
         """Concatenate along the batch dimension, run once, split back per request."""
         arrays = {
-            name: [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for request in requests]
+            name: [from_triton(pb_utils.get_input_tensor_by_name(request, name)) for request in requests]
             for name in self.input_names
         }
         feed = {name: parts[0] if len(parts) == 1 else np.concatenate(parts) for name, parts in arrays.items()}
@@ -214,9 +301,7 @@ class TritonPythonModel:
 
     def _respond(self, request: Any, outputs: dict[str, np.ndarray]) -> Any:
         wanted = request.requested_output_names() or self.output_names
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(outputs[name])) for name in wanted]
-        )
+        return pb_utils.InferenceResponse(output_tensors=[to_triton(name, outputs[name]) for name in wanted])
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)

@@ -16,6 +16,36 @@ import triton_python_backend_utils as pb_utils
 
 GENERATION_CONFIG_FILENAME = "generation_config.json"
 
+#: The nvidia-pytriton 0.7.0 Python backend stub is built against numpy 1's C API. Under numpy 2 it reads
+#: arrays wrongly: `pb_utils.Tensor(name, array)` sends zero bytes (shape intact) and `as_numpy()` returns
+#: inputs with zero strides (every element equals the first). DLPack carries both correctly under numpy 2;
+#: under numpy 1.26, `Tensor.from_dlpack` of an ndarray makes the stub unhealthy, so numpy 1 keeps the
+#: numpy path. A BLS request's inputs go through the same stub code, so they need the same care. These two
+#: functions are a copy of server/onnxruntime/model.py's: Triton loads this file from the model repository
+#: and that one from the backend directory, so neither can import the other.
+NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
+def to_triton(name: str, array: Any) -> Any:
+    """A pb_utils.Tensor holding `array` (an ndarray or another pb_utils.Tensor) whole, under numpy 1 and 2."""
+    if isinstance(array, pb_utils.Tensor):
+        if not NUMPY_2:
+            return pb_utils.Tensor(name, array.as_numpy())
+        return pb_utils.Tensor.from_dlpack(name, array)
+    array = np.ascontiguousarray(array)  # DLPack exports C-order only
+    # Strings (BYTES) have no DLPack form; an empty array has no bytes to lose (and the stub calls numpy's
+    # DLPack strides of a zero-size array non-contiguous).
+    if not NUMPY_2 or array.dtype == np.object_ or array.size == 0:
+        return pb_utils.Tensor(name, array)
+    if not array.flags.writeable:  # numpy refuses to export a read-only array over DLPack
+        array = array.copy()
+    return pb_utils.Tensor.from_dlpack(name, array)
+
+
+def from_triton(tensor: Any) -> np.ndarray:
+    """The ndarray a pb_utils.Tensor in host memory holds, read correctly under numpy 1 and 2."""
+    return np.from_dlpack(tensor) if NUMPY_2 else tensor.as_numpy()
+
 
 class CaptionError(Exception):
     """A request or a composing model failed; the message goes back to the client."""
@@ -30,7 +60,7 @@ def _parameter(config: dict[str, Any], key: str) -> str:
 
 def _optional_scalar(request: Any, name: str, default: Any) -> Any:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
+    return default if tensor is None else from_triton(tensor).reshape(-1)[0].item()
 
 
 class TritonPythonModel:
@@ -53,10 +83,11 @@ class TritonPythonModel:
         self.cache_shape = tuple(int(n) for n in generation["decoder_cache_shape"])
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
 
-    def _call(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    def _call(self, model: str, inputs: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
+        """Run `model` on ndarrays or pb_utils.Tensors; its outputs stay pb_utils.Tensors (no copy between steps)."""
         request = pb_utils.InferenceRequest(
             model_name=model,
-            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(array)) for name, array in inputs.items()],
+            inputs=[to_triton(name, array) for name, array in inputs.items()],
             requested_output_names=outputs,
             # numpy needs host memory, wherever (CPU or GPU) the composing model ran
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
@@ -64,10 +95,10 @@ class TritonPythonModel:
         response = request.exec()
         if response.has_error():
             raise CaptionError(f"{model}: {response.error().message()}")
-        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+        return {name: pb_utils.get_output_tensor_by_name(response, name) for name in outputs}
 
     def _caption(self, request: Any, emit: Any) -> list[int]:
-        pixel_values = pb_utils.get_input_tensor_by_name(request, "pixel_values").as_numpy()
+        pixel_values = pb_utils.get_input_tensor_by_name(request, "pixel_values")
         max_new_tokens = int(_optional_scalar(request, "max_new_tokens", self.max_new_tokens))
         ignore_eos = bool(_optional_scalar(request, "ignore_eos", False))
         if max_new_tokens < 1:
@@ -91,7 +122,7 @@ class TritonPythonModel:
                 ["logits", "present_keys", "present_values"],
             )
             keys, values = step["present_keys"], step["present_values"]
-            token = int(np.argmax(step["logits"][0, -1]))
+            token = int(np.argmax(from_triton(step["logits"])[0, -1]))
             generated.append(token)
             emit([token])
             if token == self.eos_token_id and not ignore_eos:
@@ -105,7 +136,7 @@ class TritonPythonModel:
 
             def emit(tokens: list[int], sender: Any = sender) -> None:
                 if sender is not None:
-                    tensor = pb_utils.Tensor("token_ids", np.asarray(tokens, dtype=np.int64))
+                    tensor = to_triton("token_ids", np.asarray(tokens, dtype=np.int64))
                     sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]))
 
             try:
@@ -120,6 +151,6 @@ class TritonPythonModel:
             if sender is not None:
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             else:
-                tensor = pb_utils.Tensor("token_ids", np.asarray(generated, dtype=np.int64))
+                tensor = to_triton("token_ids", np.asarray(generated, dtype=np.int64))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
         return None if self.decoupled else responses

@@ -1,0 +1,69 @@
+"""A separate interpreter for the Python backend stub: a venv built once per requirement set under the cache.
+
+The local provider's stub runs the interpreter first on PATH (LocalProvider's stub_bin_dir); this builds one with
+other packages than the suite's own venv (e.g. numpy 2), keyed by the requirements and the Python version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from blip_triton_bench.servers.base import ServerStartError
+
+logger = logging.getLogger(__name__)
+
+#: Written last into a finished venv: a folder without it is a build that was interrupted.
+COMPLETE_MARKER = "stub-env.json"
+
+
+def stub_env_key(requirements: Sequence[str]) -> str:
+    identity = {"python": sys.version.split()[0], "requirements": sorted(requirements)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stub_interpreter(cache_dir: Path, requirements: Sequence[str]) -> Path:
+    """The bin directory of a venv (this Python version) with `requirements` installed; built on first use."""
+    final_dir = Path(cache_dir) / "stub-envs" / stub_env_key(requirements)
+    if (final_dir / COMPLETE_MARKER).is_file():
+        return final_dir / "bin"
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=final_dir.parent))
+    try:
+        # The same base interpreter as this venv's: the stub is built for this Python version only.
+        base_python = Path(getattr(sys, "_base_executable", sys.executable))
+        for command in (
+            [str(base_python), "-m", "venv", str(work_dir)],
+            [str(work_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", *requirements],
+        ):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ServerStartError(
+                    f"building the stub interpreter for {', '.join(requirements)} failed: {' '.join(command)} "
+                    f"exited {done.returncode}:\n{(done.stdout + done.stderr)[-2000:]}"
+                )
+        installed = subprocess.run(
+            [str(work_dir / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        (work_dir / COMPLETE_MARKER).write_text(
+            json.dumps({"requirements": list(requirements), "installed": installed})
+        )
+        try:
+            # A venv finds its site-packages from pyvenv.cfg beside bin/, so it still works once renamed.
+            os.replace(work_dir, final_dir)
+        except OSError:  # another session finished the same venv first
+            if not (final_dir / COMPLETE_MARKER).is_file():
+                shutil.rmtree(final_dir, ignore_errors=True)
+                os.replace(work_dir, final_dir)
+        logger.info("built the stub interpreter %s (%s)", final_dir, ", ".join(installed))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return final_dir / "bin"

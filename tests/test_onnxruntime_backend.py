@@ -1,0 +1,76 @@
+"""The onnxruntime backend's pure parts, imported as Triton imports them (beside the wheel's triton_python_backend_utils)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+import pytest
+
+from blip_triton_bench.servers.local import BACKEND_SOURCE, pytriton_paths
+
+#: What ONNX Runtime 1.31.1 logged on the GPU host for trt_model without TensorRT (docs: shared/notes/gpu-host.md).
+TENSORRT_LOAD_FAILURE = (
+    "[E:onnxruntime:Default, provider_bridge_ort.cc:2167 TryGetProviderInfo_TensorRT] provider_bridge_ort.cc:1778 "
+    "onnxruntime::Provider& onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load "
+    "library libonnxruntime_providers_tensorrt.so with error: libnvinfer.so.10: cannot open shared object file: "
+    "No such file or directory\n"
+)
+TRT_CONFIG = {
+    "optimization": {
+        "execution_accelerators": {
+            "gpu_execution_accelerator": [{"name": "tensorrt", "parameters": {"precision_mode": "FP16"}}]
+        }
+    }
+}
+EVERY_GPU_PROVIDER = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def backend() -> ModuleType:
+    utils_dir = str(pytriton_paths()[0] / "backends" / "python")
+    sys.path.insert(0, utils_dir)
+    try:
+        spec = importlib.util.spec_from_file_location("onnxruntime_backend", BACKEND_SOURCE / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(utils_dir)
+    return module
+
+
+def test_tensorrt_dropped_by_onnxruntime_fails_naming_the_provider_and_the_library(backend: ModuleType) -> None:
+    requested = backend.provider_names(backend.providers_for(TRT_CONFIG, "GPU", 0, EVERY_GPU_PROVIDER))
+    assert requested == EVERY_GPU_PROVIDER
+    with pytest.raises(backend.BackendConfigError) as error:
+        backend.check_active_providers(
+            requested, ["CUDAExecutionProvider", "CPUExecutionProvider"], TENSORRT_LOAD_FAILURE
+        )
+    message = str(error.value)
+    assert "the config asks for TensorrtExecutionProvider but ONNX Runtime" in message
+    assert "with CUDAExecutionProvider, CPUExecutionProvider only" in message
+    assert "ONNX Runtime could not load libnvinfer.so.10" in message
+    assert "install onnxruntime-gpu built with TensorRT" in message
+
+
+def test_a_missing_provider_without_a_logged_library_still_fails(backend: ModuleType) -> None:
+    with pytest.raises(backend.BackendConfigError, match=r"asks for CUDAExecutionProvider.*logged no library"):
+        backend.check_active_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"], "")
+
+
+def test_a_session_with_every_requested_provider_passes(backend: ModuleType) -> None:
+    import onnxruntime
+
+    requested = backend.provider_names(backend.providers_for({}, "CPU", 0, onnxruntime.get_available_providers()))
+    assert requested == ["CPUExecutionProvider"]
+    backend.check_active_providers(requested, ["CPUExecutionProvider"], "")  # a CPU config still loads
+    backend.check_active_providers(EVERY_GPU_PROVIDER, EVERY_GPU_PROVIDER, TENSORRT_LOAD_FAILURE)
+
+
+def test_native_stderr_is_captured_and_passed_on(backend: ModuleType, capfd: pytest.CaptureFixture[str]) -> None:
+    with backend.native_stderr_captured() as captured:
+        os.write(2, b"Failed to load library libexample.so\n")
+    assert captured == ["Failed to load library libexample.so\n"]
+    assert "Failed to load library libexample.so" in capfd.readouterr().err
