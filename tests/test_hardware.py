@@ -2,27 +2,79 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
+import pytest
+
 from blip_triton_bench.hardware import GpuInfo, parse_nvidia_smi, probe_host, read_cpu_model
+
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", "560.35.03", 81559)
 
 
 def test_nvidia_smi_csv_is_parsed() -> None:
     text = "NVIDIA H100 80GB HBM3, 560.35.03, 81559\nNVIDIA H100 80GB HBM3, 560.35.03, 81559\n"
-    assert parse_nvidia_smi(text) == (GpuInfo("NVIDIA H100 80GB HBM3", "560.35.03", 81559),) * 2
+    assert parse_nvidia_smi(text) == (H100, H100)
     assert parse_nvidia_smi("") == ()
+
+
+def test_nvidia_smi_warnings_are_not_gpus_and_an_unreadable_memory_size_still_is_one() -> None:
+    text = (
+        "WARNING: infoROM is corrupted at gpu 0000:41:00.0\n"
+        "NVIDIA H100 80GB HBM3, 560.35.03, 81559\n"
+        "\n"
+        "NVIDIA GH200 480GB, 560.35.03, [N/A]\n"
+        "No devices were found\n"
+    )
+    assert parse_nvidia_smi(text) == (H100, GpuInfo("NVIDIA GH200 480GB", "560.35.03", 0))
 
 
 def test_cpu_model_comes_from_cpuinfo(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9654 96-Core Processor\nflags\t: fpu\n")
-    assert read_cpu_model(cpuinfo) == "AMD EPYC 9654 96-Core Processor"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC 9654 96-Core Processor\nflags\t: fpu\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 9654 96-Core Processor\n"
+    )
+    assert read_cpu_model(cpuinfo) == "AMD EPYC 9654 96-Core Processor"  # not "model"'s 17
 
 
-def test_probe_reads_this_hosts_onnxruntime_providers() -> None:
-    import onnxruntime
+def test_cpu_model_without_cpuinfo_is_still_a_description(tmp_path: Path) -> None:
+    assert read_cpu_model(tmp_path / "absent") != ""  # e.g. macOS: platform's own description
 
+
+def fake_nvidia_smi(directory: Path, script: str) -> Path:
+    executable = directory / "nvidia-smi"
+    executable.write_text(f"#!/bin/sh\n{script}\n")
+    executable.chmod(executable.stat().st_mode | stat.S_IXUSR)
+    return directory
+
+
+def test_probe_counts_this_hosts_cores_and_no_gpu_without_nvidia_smi(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no nvidia-smi to be found
     host = probe_host()
-    assert host.ort_providers == tuple(onnxruntime.get_available_providers())
-    assert host.cpu_cores >= 1
-    assert host.gpu_count == len(host.gpus)
+    assert host.cpu_cores == os.cpu_count()
+    assert host.gpus == ()
+    assert host.gpu_count == 0 and host.gpu_driver == ""
+    assert "CPUExecutionProvider" in host.ort_providers  # every onnxruntime build has it
+
+
+def test_probe_asks_nvidia_smi_for_the_gpus(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path, "echo 'NVIDIA H100 80GB HBM3, 560.35.03, 81559'")))
+    host = probe_host()
+    assert host.gpus == (H100,)
+    assert host.gpu_count == 1 and host.gpu_driver == "560.35.03"
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        # what nvidia-smi does on a host with the tool but no working driver
+        "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'; exit 9",
+        "kill -9 $$",  # killed by a signal
+    ],
+)
+def test_a_failing_nvidia_smi_means_no_gpu(tmp_path, monkeypatch, script: str) -> None:
+    monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path, script)))
+    assert probe_host().gpus == ()

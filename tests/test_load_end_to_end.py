@@ -2,6 +2,9 @@
 
 An open-loop client that offers more than the server can do must see the queue in its latencies (they
 count from each request's scheduled send time), and report an achieved rate below the offered one.
+
+The model sleeps a fixed SERVICE_MS per execution, one request per execution on one instance, so every
+bound asserted here follows from that service time alone, whatever the host's speed or load.
 """
 
 from __future__ import annotations
@@ -10,22 +13,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, LoadSettings, measure_level
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 from blip_triton_bench.workload import ModelInputs
 
-FEATURES = 192  # 3 x 8 x 8 pixels
-LAYERS = 150
+SERVICE_MS = 20.0
 VOCAB = 8
 SETTINGS = LoadSettings(window_s=1.0, warmup_s=0.5, max_windows=4, min_requests_per_window=1)
+SERVICE_RATE_PER_S = 1000.0 / SERVICE_MS  # one instance, one request per execution
+#: The most completions per second a window can show. The server completes one per SERVICE_MS (plus one
+#: already executing when the window opened), but the client stamps a completion when its event loop gets
+#: to it, and a loop busy sending hundreds of requests a second gets to them late and in bursts: a window
+#: may also hold up to a window's worth of earlier completions.
+MAX_OBSERVED_RATE_PER_S = 2 * SERVICE_RATE_PER_S + 1.0 / SETTINGS.window_s
+#: Offered in the overload level, as a multiple of the service rate: above MAX_OBSERVED_RATE_PER_S, so the
+#: achieved rate is below the offered one by construction. Larger only lengthens the drain after the level.
+OVERLOAD = 3.0
+#: Below the service rate with room for the client's and the server's own per-request overhead.
+UNDERLOAD = 0.3
 
 CONFIG = f"""
-name: "busy"
-platform: "onnxruntime_onnx"
+name: "fixed"
+backend: "python"
 max_batch_size: 8
 input [
   {{ name: "pixel_values" data_type: TYPE_FP32 dims: [ 3, 8, 8 ] }},
@@ -34,57 +45,43 @@ input [
 ]
 output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ -1, {VOCAB} ] }} ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-parameters {{ key: "intra_op_thread_count" value: {{ string_value: "1" }} }}
+parameters {{ key: "service_ms" value: {{ string_value: "{SERVICE_MS}" }} }}
 """
 
+# No dynamic_batching in the config: Triton hands the model one request per execute(), so each request
+# costs the full service time and the service rate is exactly 1000 / SERVICE_MS.
+MODEL = f"""
+import json
+import time
 
-def busy_model() -> onnx.ModelProto:
-    """BLIP's input and output names around a chain of matrix products: a few milliseconds of real work."""
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(
-        (rng.standard_normal((FEATURES, FEATURES)) / FEATURES**0.5).astype(np.float32), "W"
-    )
-    head = numpy_helper.from_array(rng.standard_normal((FEATURES, VOCAB)).astype(np.float32), "H")
-    flat = helper.make_tensor("flat", TensorProto.INT64, [2], [-1, FEATURES])
-    nodes = [helper.make_node("Reshape", ["pixel_values", "flat"], ["h0"])]
-    for layer in range(LAYERS):
-        nodes.append(helper.make_node("MatMul", [f"h{layer}", "W"], [f"m{layer}"]))
-        nodes.append(helper.make_node("Tanh", [f"m{layer}"], [f"h{layer + 1}"]))
-    nodes += [
-        helper.make_node("MatMul", [f"h{LAYERS}", "H"], ["scores"]),  # [B, V]
-        helper.make_node("Unsqueeze", ["scores", "one"], ["scores3"]),  # [B, 1, V]
-        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
-        helper.make_node("Concat", ["ids_shape", "vocab"], ["target"], axis=0),
-        helper.make_node("Expand", ["scores3", "target"], ["logits"]),  # [B, S, V]
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "busy",
-        [
-            helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["B", 3, 8, 8]),
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"]),
-        ],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "S", VOCAB])],
-        initializer=[
-            weight,
-            head,
-            flat,
-            helper.make_tensor("one", TensorProto.INT64, [1], [1]),
-            helper.make_tensor("vocab", TensorProto.INT64, [1], [VOCAB]),
-        ],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = json.loads(args["model_config"])["parameters"]
+        self.service_s = float(parameters["service_ms"]["string_value"]) / 1000.0
+
+    def execute(self, requests):
+        time.sleep(self.service_s)  # never shorter than asked: the service time is a lower bound
+        responses = []
+        for request in requests:
+            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+            logits = np.zeros((*ids.shape, {VOCAB}), dtype=np.float32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits)]))
+        return responses
+"""
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     repository = tmp_path_factory.mktemp("repository")
-    (repository / "busy" / "1").mkdir(parents=True)
-    (repository / "busy" / "config.pbtxt").write_text(CONFIG)
-    onnx.save_model(busy_model(), str(repository / "busy" / "1" / "model.onnx"))
+    (repository / "fixed" / "1").mkdir(parents=True)
+    (repository / "fixed" / "config.pbtxt").write_text(CONFIG)
+    (repository / "fixed" / "1" / "model.py").write_text(MODEL)
     with LocalProvider(Path(tmp_path_factory.mktemp("server"))).start(repository) as running:
-        running.load_model("busy")
+        running.load_model("fixed")
         yield running
 
 
@@ -93,31 +90,47 @@ def inputs() -> ModelInputs:
     return ModelInputs(np.ones((1, 3, 8, 8), dtype=np.float32), ids, ids.copy())
 
 
+def queue_floor_ms(overload: float, warmup_s: float) -> float:
+    """The least latency of any request an overloaded open loop completes after its warm-up.
+
+    With one FIFO server of service time N and requests scheduled every N / overload from the level's start,
+    the k-th request completes no earlier than k*N and was scheduled at k*N/overload, so it waited at least
+    k*N*(1 - 1/overload); one completing after warm-up w also waited at least w - k*N/overload. The smaller
+    of the two is least at k*N = w: w * (1 - 1/overload).
+    """
+    return warmup_s * 1000.0 * (1.0 - 1.0 / overload)
+
+
 def test_open_loop_counts_the_queue_that_a_closed_loop_never_sees(server: LocalServer) -> None:
     url = server.endpoints.grpc_url
-    closed = measure_level(url, "busy", inputs(), LoadLevel(CONCURRENCY, 1), SETTINGS)
+
+    closed = measure_level(url, "fixed", inputs(), LoadLevel(CONCURRENCY, 1), SETTINGS)
     capacity = closed.summary.throughput_infer_per_s
     assert capacity > 5, "the model should serve several requests per second"
+    assert capacity <= MAX_OBSERVED_RATE_PER_S  # one request at a time, each sleeping SERVICE_MS
+    assert closed.summary.latency_p50_ms >= SERVICE_MS
     assert closed.server is not None and closed.server.inference_count > 0  # the server's own statistics
+    assert closed.server.execution_count == closed.server.inference_count  # no batching: one request each
+    assert closed.server.compute_infer_ms >= SERVICE_MS  # the server timed the sleep too
 
-    under = measure_level(url, "busy", inputs(), LoadLevel(REQUEST_RATE, round(capacity * 0.3, 1)), SETTINGS)
+    under_rate = round(SERVICE_RATE_PER_S * UNDERLOAD, 1)
+    under = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, under_rate), SETTINGS)
     assert under.achieved_rate_per_s == pytest.approx(under.offered_rate_per_s, rel=0.3)
-    assert under.summary.latency_p50_ms < 3 * closed.summary.latency_p50_ms
+    assert under.summary.latency_p50_ms >= SERVICE_MS
 
-    # far above capacity: a closed loop at concurrency 1 idles between requests, so it underestimates what the
-    # server can take (3x was once absorbed at 85 %)
-    over = measure_level(url, "busy", inputs(), LoadLevel(REQUEST_RATE, round(capacity * 8, 1)), SETTINGS)
-    assert over.achieved_rate_per_s < 0.7 * over.offered_rate_per_s  # the server cannot keep up...
-    assert over.summary.latency_p50_ms > 3 * closed.summary.latency_p50_ms  # ...and the latencies show the queue
+    over_rate = round(SERVICE_RATE_PER_S * OVERLOAD, 1)
+    over = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, over_rate), SETTINGS)
+    assert over.achieved_rate_per_s <= MAX_OBSERVED_RATE_PER_S < over.offered_rate_per_s  # the server cannot keep up...
+    assert over.summary.latency_p50_ms >= queue_floor_ms(OVERLOAD, SETTINGS.warmup_s)  # ...and latencies show it
     assert over.unfinished_requests > 0  # requests were still queued when measurement stopped
 
-    settled = measure_level(url, "busy", inputs(), LoadLevel(REQUEST_RATE, round(capacity * 0.3, 1)), SETTINGS)
+    settled = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, under_rate), SETTINGS)
     assert settled.achieved_rate_per_s == pytest.approx(settled.offered_rate_per_s, rel=0.3)  # the backlog drained
 
 
 def test_poisson_arrivals_average_the_offered_rate(server: LocalServer) -> None:
     settings = LoadSettings(window_s=1.0, warmup_s=0.5, max_windows=4, min_requests_per_window=1, arrival="poisson")
-    level = measure_level(server.endpoints.grpc_url, "busy", inputs(), LoadLevel(REQUEST_RATE, 5), settings)
+    level = measure_level(server.endpoints.grpc_url, "fixed", inputs(), LoadLevel(REQUEST_RATE, 5), settings)
     assert level.achieved_rate_per_s == pytest.approx(5, rel=0.5)
 
 

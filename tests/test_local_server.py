@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -132,21 +133,23 @@ def test_thread_count_and_graph_level_are_honoured(server: LocalServer) -> None:
 
 def test_dynamic_batching_runs_one_onnxruntime_call_per_batch(server: LocalServer) -> None:
     server.load_model("batcher")
-    barrier = threading.Barrier(6)
+    # The timeout turns a sender that failed before the barrier into a BrokenBarrierError in the others
+    # instead of a hang.
+    barrier = threading.Barrier(6, timeout=60)
 
-    def send(value: float) -> None:
+    def send(value: float) -> np.ndarray:
         client = triton_grpc.InferenceServerClient(server.endpoints.grpc_url)
         request = triton_grpc.InferInput("x", [1, 4], "FP32")
         request.set_data_from_numpy(np.full((1, 4), value, dtype=np.float32))
         barrier.wait()
-        result = client.infer("batcher", [request]).as_numpy("y")
-        np.testing.assert_array_equal(result, np.full((1, 4), 2 * value, dtype=np.float32))  # each gets its own rows
+        return client.infer("batcher", [request]).as_numpy("y")
 
-    threads = [threading.Thread(target=send, args=(float(i),)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    values = [float(i) for i in range(6)]
+    # Results (and any exception) come back to this thread: an assert in a worker thread would be lost.
+    with ThreadPoolExecutor(max_workers=len(values)) as pool:
+        results = list(pool.map(send, values))
+    for value, result in zip(values, results, strict=True):
+        np.testing.assert_array_equal(result, np.full((1, 4), 2 * value, dtype=np.float32))  # each gets its own rows
     client = triton_http.InferenceServerClient(server.endpoints.http_url)
     (stats,) = client.get_inference_statistics("batcher")["model_stats"]
     assert stats["inference_count"] == 6

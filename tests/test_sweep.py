@@ -127,14 +127,47 @@ def test_a_grid_built_in_code_is_checked_too() -> None:
         SweepGrid(preferred_batch_size=("sometimes",))
 
 
-def test_grid_keys_are_the_triton_knobs() -> None:
-    assert GRID_KEYS == (
-        "max_batch_size",
-        "preferred_batch_size",
-        "max_queue_delay_microseconds",
-        "instance_count",
-        "intra_op_thread_count",
-    )
+#: Per grid key: the ModelConfig field it must set, how Triton's value is read there, and two grid values
+#: with the value each must put there.
+TRITON_FIELDS = {
+    "max_batch_size": ("max_batch_size", lambda config: config.max_batch_size, {4: 4, 8: 8}),
+    "preferred_batch_size": (
+        "dynamic_batching",
+        lambda config: list(config.dynamic_batching.preferred_batch_size),
+        {(2,): [2], (1, 4): [1, 4]},
+    ),
+    "max_queue_delay_microseconds": (
+        "dynamic_batching",
+        lambda config: config.dynamic_batching.max_queue_delay_microseconds,
+        {100: 100, 500: 500},
+    ),
+    "instance_count": (
+        "instance_group",
+        lambda config: [group.count for group in config.instance_group],
+        {1: [1], 3: [3]},
+    ),
+    "intra_op_thread_count": (
+        "parameters",
+        lambda config: config.parameters[THREAD_PARAMETER].string_value,
+        {1: "1", 2: "2"},
+    ),
+}
+
+
+@pytest.mark.parametrize("key", GRID_KEYS)
+def test_each_grid_key_sets_its_triton_field_and_only_that(base_config, key: str) -> None:
+    field_name, read, triton_values = TRITON_FIELDS[key]  # a new grid key must say where it lands
+    fixed = {name: (next(iter(values)),) for name, (_, _, values) in TRITON_FIELDS.items()}
+    points = sweep_points(BASE, base_config, SweepGrid(**{**fixed, key: tuple(triton_values)}))
+    assert len(points) == 2
+    assert sorted(repr(read(point.config)) for point in points) == sorted(map(repr, triton_values.values()))
+    first, second = (point.config for point in points)
+    differing = [
+        field.name
+        for field in model_config_pb2.ModelConfig.DESCRIPTOR.fields
+        if field.name != "name" and getattr(first, field.name) != getattr(second, field.name)
+    ]
+    assert differing == [field_name]
 
 
 # ------------------------------------------------------------------------------------------ points
