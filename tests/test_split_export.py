@@ -25,6 +25,7 @@ from blip_triton_bench.split_export import (
     RunDecoder,
     RunVision,
     SplitModel,
+    cache_keyword,
     cross_attentions_of,
     empty_past,
     export_split_model,
@@ -367,3 +368,19 @@ def cross_attention_shape(loaded: LoadedModel) -> tuple[int, int, int, int]:
     patches = (loaded.description.image_size // vision.patch_size) ** 2 + 1
     heads = text.num_attention_heads
     return text.num_hidden_layers, heads, patches, text.hidden_size // heads
+
+
+def test_the_kv_cache_goes_in_under_the_name_this_transformers_takes() -> None:
+    class Current(torch.nn.Module):  # transformers 5.24
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs): ...
+
+    class Older(torch.nn.Module):  # transformers 5.17: a `cache=` there landed in **kwargs, unread
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs): ...
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids=None, **kwargs): ...
+
+    assert cache_keyword(Current()) == "cache"
+    assert cache_keyword(Older()) == "past_key_values"
+    with pytest.raises(TypeError, match="neither `cache` nor `past_key_values`"):
+        cache_keyword(Neither())
