@@ -6,7 +6,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from blip_triton_bench.fixtures.collection import RunPlan, variants_under_test
-
 from blip_triton_bench.repository import discover_variants
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
