@@ -342,3 +342,23 @@ def test_a_negative_queue_delay_names_the_field_and_its_type(tmp_path: Path) -> 
         f"{folder / 'config.pbtxt'}:8:33: field 'max_queue_delay_microseconds' is -5, out of range for its type "
         "(uint64): it cannot be negative: use 0 or more"
     )
+
+
+def test_a_gitkeep_is_not_a_model_file_the_variant_gets_the_export(tmp_path: Path) -> None:
+    source = tmp_path / "repo"
+    kept = write_variant(source, "kept")
+    (kept / "1").mkdir()
+    (kept / "1" / ".gitkeep").write_bytes(b"")
+    (kept / "1" / "README").write_text("the export goes here\n")
+    renamed = write_variant(source, "renamed", extra='default_model_filename: "blip.onnx"')
+    (renamed / "1").mkdir()
+    (renamed / "1" / "model.onnx").write_bytes(b"not the file Triton loads")
+
+    variants = discover_variants(source)
+    assert [v.own_model_files for v in variants] == [(), ()]
+    staged = stage_repository(variants, lambda _v: [write_artifact(tmp_path)], tmp_path / "staged")
+
+    assert sorted(p.name for p in (staged.root / "kept" / "1").iterdir()) == ["model.onnx"]
+    assert (staged.root / "kept" / "1" / "model.onnx").read_bytes() == b"our graph"
+    assert (staged.root / "renamed" / "1" / "blip.onnx").read_bytes() == b"our graph"
+    assert staged.notes == ()
