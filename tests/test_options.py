@@ -56,3 +56,14 @@ def test_a_range_of_two_million_levels_is_a_usage_error_naming_the_option_and_th
             options(sweep_variants=("base_model_cpu",), sweep_concurrency="1:100"), REPOSITORY, ROOT, ci=False
         )
     check_options(options(concurrency="1:64", request_rate="10000"), REPOSITORY, ROOT, ci=False)  # at the limits
+
+
+@pytest.mark.parametrize("store", ["baselines", "baselines/sub", "baselines/sub/../other"])
+def test_ci_records_into_no_folder_of_the_committed_baselines(store: str) -> None:
+    with pytest.raises(OptionError, match=r"--update-baselines refused: CI is set .* or inside it"):
+        check_options(options(update_baselines=True, baseline_dir=(ROOT / store).resolve()), REPOSITORY, ROOT, ci=True)
+
+
+def test_ci_may_record_outside_the_committed_baselines(tmp_path: Path) -> None:
+    check_options(options(update_baselines=True, baseline_dir=tmp_path / "baselines"), REPOSITORY, ROOT, ci=True)
+    check_options(options(update_baselines=True), REPOSITORY, ROOT, ci=False)  # not CI: the committed store
