@@ -35,6 +35,29 @@ def test_malformed_ranges_say_what_is_expected(text: str) -> None:
         parse_range(text, "--concurrency")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1:2000000", "--concurrency '1:2000000': 2000000 is above the limit of 4096; use 4096 or less"),
+        ("1:4096", "--concurrency '1:4096': 4096 levels, more than the limit of 64 per run"),
+        ("1:inf", "need 0 < start <= end"),
+        ("nan", "need 0 < start <= end"),
+    ],
+)
+def test_a_range_past_the_limits_is_refused_before_any_level_is_built(text: str, expected: str) -> None:
+    with pytest.raises(LoadSpecError) as caught:
+        concurrency_levels(text)
+    assert expected in str(caught.value)
+    assert len(concurrency_levels("1:4096:65")) == 64  # the limits themselves are allowed
+
+
+def test_request_rates_have_the_same_limits() -> None:
+    with pytest.raises(LoadSpecError, match=r"--request-rate '20000': 20000 is above the limit of 10000"):
+        request_rate_levels("20000")
+    with pytest.raises(LoadSpecError, match=r"--request-rate '1:100': 100 levels, more than the limit of 64"):
+        request_rate_levels("1:100")
+
+
 def test_fractional_concurrency_is_refused() -> None:
     with pytest.raises(LoadSpecError, match="whole numbers"):
         concurrency_levels("1:2:0.5")

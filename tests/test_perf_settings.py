@@ -74,3 +74,9 @@ def test_a_shared_memory_run_reads_and_records_baselines_of_its_own(tmp_path: Pa
     assert run.baseline_path("v").parent.parent.name.startswith("2cpu-0gpu-local-grpc-shm-system-")
     plain = PerfRun(DEFAULTS, BaselineStore(tmp_path), fingerprint, "127.0.0.1:8001", None, lambda: None)
     assert plain.fingerprint == fingerprint
+
+
+def test_a_bench_concurrency_past_the_limits_names_the_config_and_the_limit(tmp_path: Path) -> None:
+    variant = variant_with(tmp_path, 'parameters { key: "bench_concurrency" value: { string_value: "1:2000000" } }')
+    with pytest.raises(PerfConfigError, match=r"v/config\.pbtxt: --concurrency '1:2000000': .* limit of 4096"):
+        variant_levels(variant, DEFAULTS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,74 @@ def test_a_generated_variant_is_staged_as_triton_reads_it(tmp_path: Path) -> Non
     assert (folder / "1" / "blip.onnx").read_bytes() == b"our graph"
     with pytest.raises(ConfigError, match="must be unique"):
         stage_generated(tmp_path / "staged", generated, [artifact])
+
+
+def test_a_config_that_is_not_utf8_names_the_byte_and_the_fix(tmp_path: Path) -> None:
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    (folder / "config.pbtxt").write_bytes('name: "latin1"\n# café\nplatform: "onnxruntime_onnx"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_variant(folder)
+    message = str(caught.value)
+    assert message.startswith(f"{folder / 'config.pbtxt'}: byte 20 (line 2) is 0xe9, not UTF-8")
+    assert "save the file as UTF-8" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("instance_group [ { count: 1000 } ]", "instance_group[0].count is 1000; at most 256 instances"),
+        ("instance_group [ { count: -1 } ]", "instance_group[0].count is -1; use 1 or more"),
+        ("dynamic_batching { preferred_batch_size: [ 2, 8 ] }", "preferred_batch_size[1] is 8, above max_batch_size 4"),
+        ("dynamic_batching { preferred_batch_size: [ 0 ] }", "preferred_batch_size[0] is 0; Triton refuses"),
+    ],
+)
+def test_values_triton_refuses_name_the_file_and_the_field(tmp_path: Path, extra: str, expected: str) -> None:
+    folder = write_variant(tmp_path, "v", extra=extra)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(folder / 'config.pbtxt'))}: .*{re.escape(expected)}"):
+        load_variant(folder)
+
+
+def test_negative_batch_size_and_bad_dims_are_each_named(tmp_path: Path) -> None:
+    text = MINIMAL.format(name="v", extra="").replace("max_batch_size: 4", "max_batch_size: -5")
+    text = text.replace(
+        'name: "x" data_type: TYPE_FP32 dims: [ 4 ]', 'name: "x" data_type: TYPE_FP32 dims: [ 3, -7, 99999999999 ]'
+    )
+    folder = write_variant(tmp_path, "v", text=text)
+    with pytest.raises(ConfigError) as caught:
+        load_variant(folder)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{folder / 'config.pbtxt'}: 3 values to fix:"
+    assert lines[1].startswith("  max_batch_size is -5; Triton refuses a negative batch size")
+    assert lines[2].startswith("  input[0].dims[1] is -7; a dimension is 1 to 2147483647, or -1")
+    assert lines[3].startswith("  input[0].dims[2] is 99999999999;")
+
+
+def test_a_negative_queue_delay_names_the_field_and_its_type(tmp_path: Path) -> None:
+    folder = write_variant(tmp_path, "v", extra="dynamic_batching {\n  max_queue_delay_microseconds: -5\n}")
+    with pytest.raises(ConfigError) as caught:
+        load_variant(folder)
+    assert str(caught.value) == (
+        f"{folder / 'config.pbtxt'}:8:33: field 'max_queue_delay_microseconds' is -5, out of range for its type "
+        "(uint64): it cannot be negative: use 0 or more"
+    )
+
+
+def test_a_gitkeep_is_not_a_model_file_the_variant_gets_the_export(tmp_path: Path) -> None:
+    source = tmp_path / "repo"
+    kept = write_variant(source, "kept")
+    (kept / "1").mkdir()
+    (kept / "1" / ".gitkeep").write_bytes(b"")
+    (kept / "1" / "README").write_text("the export goes here\n")
+    renamed = write_variant(source, "renamed", extra='default_model_filename: "blip.onnx"')
+    (renamed / "1").mkdir()
+    (renamed / "1" / "model.onnx").write_bytes(b"not the file Triton loads")
+
+    variants = discover_variants(source)
+    assert [v.own_model_files for v in variants] == [(), ()]
+    staged = stage_repository(variants, lambda _v: [write_artifact(tmp_path)], tmp_path / "staged")
+
+    assert sorted(p.name for p in (staged.root / "kept" / "1").iterdir()) == ["model.onnx"]
+    assert (staged.root / "kept" / "1" / "model.onnx").read_bytes() == b"our graph"
+    assert (staged.root / "renamed" / "1" / "blip.onnx").read_bytes() == b"our graph"
+    assert staged.notes == ()

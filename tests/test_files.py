@@ -1,0 +1,111 @@
+"""The cache's produce-once machinery: an incomplete entry is produced again, two runs sharing a key produce it once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blip_triton_bench.files import produce_directory
+
+
+def has_model(directory: Path) -> bool:
+    return (directory / "model.onnx").is_file() and (directory / "export.json").is_file()
+
+
+def test_an_incomplete_entry_is_produced_again_and_the_log_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = tmp_path / "exports" / "tiny-abc"
+    entry.mkdir(parents=True)
+    (entry / "model.onnx").write_bytes(b"an old graph")  # no export.json: a copy cut short
+
+    def produce(work_dir: Path) -> None:
+        (work_dir / "model.onnx").write_bytes(b"graph")
+        (work_dir / "export.json").write_text("{}")
+
+    with caplog.at_level(logging.WARNING, logger="blip_triton_bench.files"):
+        assert produce_directory(entry, "abc", produce, has_model)
+
+    assert (entry / "model.onnx").read_bytes() == b"graph"
+    assert has_model(entry)
+    assert f"{entry} is incomplete; removing it and producing it again" in caplog.text
+    assert sorted(p.name for p in entry.parent.iterdir()) == [".tiny-abc.lock", "tiny-abc"]  # no temp dir left
+
+
+def test_two_runs_sharing_a_key_produce_it_once(tmp_path: Path) -> None:
+    entry = tmp_path / "exports" / "tiny-abc"
+    calls: list[str] = []
+    started = threading.Event()
+
+    def produce(work_dir: Path) -> None:
+        calls.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.3)  # the second run asks for the entry while this one is producing it
+        (work_dir / "model.onnx").write_bytes(b"graph")
+        (work_dir / "export.json").write_text("{}")
+
+    produced: dict[str, bool] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            produced[name] = produce_directory(entry, "abc", produce, has_model)
+        except BaseException as error:  # collected and asserted in the test, not in the thread
+            errors.append(error)
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    second = threading.Thread(target=run, args=("second",), name="second")
+    first.start()
+    assert started.wait(10)
+    second.start()
+    first.join(10)
+    second.join(10)
+
+    assert errors == []
+    assert calls == ["first"]
+    assert produced == {"first": True, "second": False}
+    assert has_model(entry)
+
+
+def test_a_failed_produce_leaves_no_entry_and_releases_the_lock(tmp_path: Path) -> None:
+    entry = tmp_path / "tiny-abc"
+
+    def fail(work_dir: Path) -> None:
+        (work_dir / "model.onnx").write_bytes(b"half")
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError, match="export failed"):
+        produce_directory(entry, "abc", fail, has_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-abc.lock"]
+
+    def produce(work_dir: Path) -> None:
+        (work_dir / "model.onnx").write_bytes(b"graph")
+        (work_dir / "export.json").write_text("{}")
+
+    assert produce_directory(entry, "abc", produce, has_model)  # the lock was released: no deadlock
+
+
+def test_an_export_entry_without_export_json_is_exported_again(tmp_path: Path) -> None:
+    from blip_triton_bench.export import ArtifactIdentity, cached_artifact
+
+    entry = tmp_path / "exports" / "tiny-abc"
+    entry.mkdir(parents=True)
+    (entry / "model.onnx").write_bytes(b"an old graph")  # was a bare AssertionError on every run
+    calls: list[Path] = []
+
+    def produce(work_dir: Path) -> None:
+        calls.append(work_dir)
+        (work_dir / "model.onnx").write_bytes(b"graph")
+
+    identity = ArtifactIdentity("abc", "tiny", 1, 17)
+    exported = cached_artifact(entry, identity, produce)
+    again = cached_artifact(entry, identity, produce)
+
+    assert len(calls) == 1
+    assert not exported.from_cache and again.from_cache
+    assert exported.onnx_path.read_bytes() == b"graph"
+    assert (exported.cache_key, exported.opset) == ("abc", 17)

@@ -1,0 +1,69 @@
+"""Usage errors check_options raises before a run spends minutes measuring."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from blip_triton_bench.options import BenchOptions, OptionError, check_options
+from blip_triton_bench.repository import discover_variants
+
+ROOT = Path(__file__).resolve().parents[1]
+REPOSITORY = discover_variants(ROOT / "model_repository")
+
+
+def options(**changes) -> BenchOptions:
+    plain = BenchOptions(
+        model="tiny",
+        cache_dir=Path("/nonexistent/cache"),
+        opset=17,
+        model_repository=ROOT / "model_repository",
+        variants=(),
+        server="local",
+        triton_url=None,
+        triton_grpc_url=None,
+        triton_image=None,
+        gpus="auto",
+        server_timeout_s=300.0,
+        protocol="grpc",
+        concurrency=None,
+        request_rate=None,
+        request_distribution="constant",
+        window_s=5.0,
+        min_requests_per_window=10,
+        warmup_s=2.0,
+        max_windows=10,
+        stability_pct=10.0,
+        tolerance_pct=None,
+        sequence_length=16,
+        baseline_dir=(ROOT / "baselines").resolve(),
+        update_baselines=False,
+        require_baselines=False,
+        report_dir=Path("/nonexistent/report"),
+    )
+    return replace(plain, **changes)
+
+
+def test_a_range_of_two_million_levels_is_a_usage_error_naming_the_option_and_the_limit() -> None:
+    with pytest.raises(OptionError, match=r"^--concurrency '1:2000000': 2000000 is above the limit of 4096"):
+        check_options(options(concurrency="1:2000000"), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match=r"^--request-rate '1:65': 65 levels, more than the limit of 64"):
+        check_options(options(request_rate="1:65"), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match=r"^--sweep-concurrency '1:100': 100 levels"):
+        check_options(
+            options(sweep_variants=("base_model_cpu",), sweep_concurrency="1:100"), REPOSITORY, ROOT, ci=False
+        )
+    check_options(options(concurrency="1:64", request_rate="10000"), REPOSITORY, ROOT, ci=False)  # at the limits
+
+
+@pytest.mark.parametrize("store", ["baselines", "baselines/sub", "baselines/sub/../other"])
+def test_ci_records_into_no_folder_of_the_committed_baselines(store: str) -> None:
+    with pytest.raises(OptionError, match=r"--update-baselines refused: CI is set .* or inside it"):
+        check_options(options(update_baselines=True, baseline_dir=(ROOT / store).resolve()), REPOSITORY, ROOT, ci=True)
+
+
+def test_ci_may_record_outside_the_committed_baselines(tmp_path: Path) -> None:
+    check_options(options(update_baselines=True, baseline_dir=tmp_path / "baselines"), REPOSITORY, ROOT, ci=True)
+    check_options(options(update_baselines=True), REPOSITORY, ROOT, ci=False)  # not CI: the committed store
