@@ -107,6 +107,37 @@ def write_csv(path: Path, results: Sequence[JudgedLevel]) -> None:
     write_text_atomic(path, csv_text(CSV_COLUMNS, [csv_row(judged) for judged in results]))
 
 
+def _level_tables(results: Sequence[JudgedLevel], efficiencies, startup: Sequence[StartupResult]) -> tuple[str, str]:
+    """The load-level table (with resource notes) and the serving-efficiency table (with start-up)."""
+    table = markdown_table(results) if results else "(no load level measured)"
+    if notes_on_resources := resource_notes(results):
+        table += "\n\n" + "\n".join(f"- {note}" for note in notes_on_resources)
+    efficiency = efficiency_table(efficiencies)
+    if any(result.level_id == STARTUP_LEVEL for result in startup):
+        efficiency += "\n\n" + startup_table(startup)
+    return table, efficiency
+
+
+def _summary_lines(table: str, efficiency: str, sections: Sequence[ReportSection]) -> list[str]:
+    lines = [table, "", efficiency, ""]
+    for section in sections:
+        lines += [f"{section.title}:", section.markdown, ""]
+    return lines
+
+
+def report_lines(
+    results: Sequence[JudgedLevel],
+    in_process_infer_per_s: float | None,
+    startup: Sequence[StartupResult] = (),
+    sections: Sequence[ReportSection] = (),
+    in_process: Mapping[str, InProcessReference] | None = None,
+    min_ratios: Mapping[str, float] | None = None,
+) -> list[str]:
+    """The terminal summary's tables, written nowhere: what a run still shows when its report cannot be written."""
+    efficiencies = serving_efficiency(results, in_process_infer_per_s, in_process, min_ratios)
+    return _summary_lines(*_level_tables(results, efficiencies, startup), sections)
+
+
 def write_report(
     directory: Path,
     results: Sequence[JudgedLevel],
@@ -125,12 +156,7 @@ def write_report(
     """
     directory.mkdir(parents=True, exist_ok=True)
     efficiencies = serving_efficiency(results, in_process_infer_per_s, in_process, min_ratios)
-    table = markdown_table(results) if results else "(no load level measured)"
-    if notes_on_resources := resource_notes(results):
-        table += "\n\n" + "\n".join(f"- {note}" for note in notes_on_resources)
-    efficiency = efficiency_table(efficiencies)
-    if any(result.level_id == STARTUP_LEVEL for result in startup):
-        efficiency += "\n\n" + startup_table(startup)
+    table, efficiency = _level_tables(results, efficiencies, startup)
     write_json(directory / "results.json", {"notes": list(notes)}, results, efficiencies, startup, sections)
     write_csv(directory / "results.csv", results)
     plots = plot_levels(results, directory)
@@ -142,14 +168,15 @@ def write_report(
         parts += [f"## {section.title}", section.markdown, *[f"![]({p.name})" for p in section.plots]]
     write_text_atomic(directory / "report.md", "\n\n".join(parts) + "\n")
     names = [p.name for p in plots] + [p.name for section in sections for p in section.plots]
-    lines = [table, "", efficiency, ""]
-    for section in sections:
-        lines += [f"{section.title}:", section.markdown, ""]
+    lines = _summary_lines(table, efficiency, sections)
     return [*lines, f"report: {directory} (results.json, results.csv, report.md, {', '.join(names)})"]
 
 
-def session_sections(session: BenchSession, directory: Path) -> list[ReportSection]:
-    """Caption latency, the pick-a-variant table and plot, and the sweep, from what the session's tests recorded."""
+def session_sections(session: BenchSession, directory: Path | None) -> list[ReportSection]:
+    """Caption latency, the pick-a-variant table and plot, and the sweep, from what the session's tests recorded.
+
+    `directory` None: no plot is drawn (the report could not be written; the tables still reach the summary).
+    """
     variants = session.variants
     summaries = summarize_variants(
         {variant.name: ("split" if variant.composing_models else variant.artifact) for variant in variants},
@@ -173,7 +200,7 @@ def session_sections(session: BenchSession, directory: Path) -> list[ReportSecti
             )
         )
     if summaries:
-        plot = plot_accuracy_vs_speed(summaries, directory)
+        plot = plot_accuracy_vs_speed(summaries, directory) if directory is not None else None
         sections.append(
             ReportSection(
                 "Pick a variant",
