@@ -26,6 +26,7 @@ from blip_triton_bench.report.text import (
     csv_row,
     csv_text,
     efficiency_table,
+    failure_text,
     markdown_table,
     resource_notes,
     startup_table,
@@ -37,6 +38,7 @@ from blip_triton_bench.report.text import (
 from blip_triton_bench.repository import LOGITS_ROLE
 from blip_triton_bench.selection import serving_efficiency, summarize_variants
 from blip_triton_bench.sweep import (
+    SweepFailure,
     SweepMeasurement,
     SweepPoint,
     best_under_budget,
@@ -238,10 +240,13 @@ def write_sweep_report(
     points: Sequence[SweepPoint],
     measurements: Sequence[SweepMeasurement],
     latency_budget_ms: float | None,
+    failures: Sequence[SweepFailure] = (),
 ) -> SweepReport:
     """Write sweep.csv, sweep.md, sweep_frontier.png and (when a config fits) best_config.pbtxt under `directory`.
 
     best_config.pbtxt is the winner's config named `base_name`, to replace the base variant's config.pbtxt.
+    `failures` (points whose load, check or measurement raised) are listed in sweep.md and the summary lines.
+    Called after every point of a sweep, so each call rewrites the files with everything measured so far.
     """
     rows = ordered_measurements(points, measurements)
     frontier = pareto_frontier(rows)
@@ -252,7 +257,9 @@ def write_sweep_report(
 
     csv_path, markdown_path, plot_path = directory / SWEEP_CSV, directory / SWEEP_MARKDOWN, directory / SWEEP_PLOT
     write_text_atomic(csv_path, sweep_csv(points, rows, frontier, winner))
-    write_text_atomic(markdown_path, sweep_markdown(base_name, points, rows, frontier, winner, sentence, SWEEP_PLOT))
+    write_text_atomic(
+        markdown_path, sweep_markdown(base_name, points, rows, frontier, winner, sentence, SWEEP_PLOT, failures)
+    )
     plot_frontier(plot_path, rows, frontier, winner, latency_budget_ms)
 
     best_config_path: Path | None = directory / BEST_CONFIG
@@ -276,6 +283,7 @@ def write_sweep_report(
         + (f" ({unusable} unstable or with errors, left out of the choice)" if unusable else ""),
         f"- {sentence}",
     ]
+    lines += [f"- FAILED {failure_text(failure)}" for failure in failures]
     if frontier:
         lines.append(
             "- frontier: "
