@@ -1,7 +1,8 @@
 """The run's record and its end: what the session's tests learned, the correctness gate, baselines and report.
 
 One object per pytest session, as pytest-benchmark's BenchmarkSession: tests add to it, `finish()` records
-baselines and writes the report, `summary_lines()` is what the terminal summary prints. No pytest in here.
+baselines and writes the report (a failed write is a FinishOutcome, never a traceback), `summary_lines()` is
+what the terminal summary prints. No pytest in here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,28 @@ if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test nee
 
 #: The key under which correctness outcomes of tests without a variant (export vs PyTorch) are kept.
 EXPORT_GATE = ""
+REPORT_DIR_FLAG = "--report-dir"
+
+
+@dataclass(frozen=True)
+class FinishOutcome:
+    """What the run's end could not do, for the exit status: a run whose tests pass but whose baselines
+    (asked for with --update-baselines) or report were not written must not look green to CI."""
+
+    baselines_not_written: tuple[str, ...] = ()  # variants
+    report_problem: str | None = None  # the summary's "report NOT WRITTEN" line
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.baselines_not_written) or self.report_problem is not None
+
+    def reasons(self) -> list[str]:
+        reasons = []
+        if self.baselines_not_written:
+            reasons.append(f"baselines not written for {', '.join(self.baselines_not_written)}")
+        if self.report_problem is not None:
+            reasons.append("the report was not written")
+        return reasons
 
 
 @dataclass
@@ -49,6 +72,7 @@ class BenchSession:
     caption_latency: dict[str, CaptionLatency] = field(default_factory=dict)
     artifact_bytes: dict[str, int] = field(default_factory=dict)
     sweep_lines: list[str] = field(default_factory=list)
+    outcome: FinishOutcome = field(default_factory=FinishOutcome)
 
     def record_correctness(self, variant: str | None, passed: bool) -> None:
         self.correctness_passed.setdefault(variant or EXPORT_GATE, []).append(passed)
@@ -87,30 +111,54 @@ class BenchSession:
             )
         return sizes
 
-    def finish(self, report_dir: Path, update_baselines: bool) -> None:
-        """Record baselines (with --update-baselines, correctness permitting), then write the report."""
+    def finish(self, report_dir: Path, update_baselines: bool) -> FinishOutcome:
+        """Record baselines (with --update-baselines, correctness permitting), then write the report, whatever
+        happened to the baselines. Neither raises for a write that fails: the outcome and the summary say it."""
         if self.perf is None or not (self.perf.results or self.perf.startup_results):
-            return
-        from blip_triton_bench.baselines import BaselineError
+            return self.outcome
         from blip_triton_bench.perf import record_baselines
-        from blip_triton_bench.report.write import session_sections, write_report
 
+        not_written: tuple[str, ...] = ()
         if update_baselines:
-            try:
-                self.baseline_lines = record_baselines(self.perf, self.correctness_gate)
-            except BaselineError as error:
-                self.baseline_lines = [f"NOT RECORDED: {error}"]
-        report_dir.mkdir(parents=True, exist_ok=True)
-        self.report_lines = write_report(
-            report_dir,
-            self.perf.results,
-            self.in_process_infer_per_s,
-            self.notes,
-            self.perf.startup_results,
-            session_sections(self, report_dir),
-            self.in_process,
-            self.min_serving_efficiency,
+            recording = record_baselines(self.perf, self.correctness_gate)
+            self.baseline_lines, not_written = list(recording.lines), recording.not_written
+        self.outcome = FinishOutcome(
+            baselines_not_written=not_written, report_problem=self._write_report(self.perf, report_dir)
         )
+        return self.outcome
+
+    def _write_report(self, perf: PerfRun, report_dir: Path) -> str | None:
+        """Write the report and keep its summary lines; on an OSError keep the tables and return what went wrong."""
+        from blip_triton_bench.files import write_fix
+        from blip_triton_bench.report.write import report_lines, session_sections, write_report
+
+        try:
+            report_dir.mkdir(parents=True, exist_ok=True)
+            self.report_lines = write_report(
+                report_dir,
+                perf.results,
+                self.in_process_infer_per_s,
+                self.notes,
+                perf.startup_results,
+                session_sections(self, report_dir),
+                self.in_process,
+                self.min_serving_efficiency,
+            )
+        except OSError as error:
+            problem = (
+                f"report NOT WRITTEN to {report_dir}: {error}; fix: {write_fix(error, report_dir, REPORT_DIR_FLAG)}"
+            )
+            tables = report_lines(
+                perf.results,
+                self.in_process_infer_per_s,
+                perf.startup_results,
+                session_sections(self, None),
+                self.in_process,
+                self.min_serving_efficiency,
+            )
+            self.report_lines = [*tables, problem]
+            return problem
+        return None
 
     def summary_lines(self) -> list[str]:
         """The terminal summary: notes, model loads, correctness, the report's tables, baselines recorded."""
@@ -125,4 +173,6 @@ class BenchSession:
         if self.baseline_lines:
             lines.append("baselines (--update-baselines):")
             lines.extend(f"  {line}" for line in self.baseline_lines)
+        if self.outcome.failed:
+            lines.append(f"the run fails (exit status 1): {'; '.join(self.outcome.reasons())}")
         return lines

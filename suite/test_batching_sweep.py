@@ -1,6 +1,7 @@
 """A Model-Analyzer-style sweep around one variant: its config regenerated over batching and instance settings,
 each point checked for correctness, then measured by the load generator beside the config as given; the report names the throughput /
-p99 frontier and the best config under --latency-budget-ms, and writes that config.pbtxt.
+p99 frontier and the best config under --latency-budget-ms, and writes that config.pbtxt. The report is rewritten after
+every point, and a point that fails to load or to match the reference is listed as failed while the others run.
 
 Exploration, not regression: sweep points are never stored as baselines.
 """
@@ -18,7 +19,15 @@ from blip_triton_bench.report.write import write_sweep_report
 from blip_triton_bench.repository import StagedRepository, Variant
 from blip_triton_bench.servers.base import RunningServer
 from blip_triton_bench.servers.choice import ServerChoice
-from blip_triton_bench.sweep import as_given_point, measure_sweep, parse_grid, sweep_points
+from blip_triton_bench.sweep import (
+    SweepPoint,
+    SweepResult,
+    as_given_point,
+    parse_grid,
+    point_measurements,
+    run_sweep,
+    sweep_points,
+)
 from blip_triton_bench.workload import ModelInputs, build_inputs
 
 pytestmark = pytest.mark.perf
@@ -56,27 +65,42 @@ def test_batching_and_instance_sweep(
         with TritonInferClient(triton_server.endpoints.grpc_url, "grpc") as client:
             assert_close("logits", client.infer(point_name, point_inputs), expected, tolerance)
 
-    measurements = measure_sweep(
-        points,
-        triton_server,
-        staged_repository.root,
-        files,
-        swept_variant.model_filename,
-        inputs,
-        check_outputs,
-        concurrency_levels(bench_options.sweep_concurrency),
-        PerfSettings.from_options(bench_options).load,
-        bench_session.model_loads.__setitem__,
-    )
-    report = write_sweep_report(
-        bench_options.report_dir / "sweep" / swept_variant.name,
-        swept_variant.name,
-        points,
-        measurements,
-        bench_options.latency_budget_ms,
-    )
+    directory = bench_options.report_dir / "sweep" / swept_variant.name
+    reports = []
+
+    def write_progress(result: SweepResult) -> None:  # after every point: a fault later keeps what was measured
+        reports.append(
+            write_sweep_report(
+                directory,
+                swept_variant.name,
+                points,
+                result.measurements,
+                bench_options.latency_budget_ms,
+                result.failures,
+            )
+        )
+
+    def measure_point(point: SweepPoint):
+        return point_measurements(
+            point,
+            triton_server,
+            staged_repository.root,
+            files,
+            swept_variant.model_filename,
+            inputs,
+            check_outputs,
+            concurrency_levels(bench_options.sweep_concurrency),
+            PerfSettings.from_options(bench_options).load,
+            bench_session.model_loads.__setitem__,
+        )
+
+    result = run_sweep(points, measure_point, write_progress)
+    report = reports[-1]
     bench_session.sweep_lines.extend(report.lines)
-    failed = [m for m in measurements if m.errors]
+    assert not result.failures, "sweep points failed (the others are in the report):\n" + "\n".join(
+        f"{failure.point_name}: {failure.cause}" for failure in result.failures
+    )
+    failed = [m for m in result.measurements if m.errors]
     assert not failed, f"requests failed during the sweep: {[(m.point_name, m.level_id, m.errors) for m in failed]}"
     if report.winner is None:
         budget = bench_options.latency_budget_ms

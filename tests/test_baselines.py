@@ -118,6 +118,7 @@ def test_resave_reports_old_to_new_and_keeps_levels_not_re_recorded(tmp_path: Pa
     )
     lines = store.save(newer)
     assert lines == [
+        "previous file kept as base_model_cpu.json.bak",
         "concurrency=1 throughput_infer_per_s: 24.30 -> 25.10 (+3.3%)",
         "concurrency=1 latency_p99_ms: 80.00 -> 72.00 (-10.0%)",
         "concurrency=1 p99_spread_pct: 3.00 (new)",
@@ -156,7 +157,9 @@ def test_corrupt_file_is_named_and_left_untouched(tmp_path: Path, fingerprint: F
         baseline(fingerprint, {"concurrency=1": {"throughput_infer_per_s": 24.3}}), overwrite_corrupt=True
     )
     assert lines[0].startswith("replaced the unreadable previous file (is not valid JSON")
+    assert lines[1] == "previous file kept as base_model_cpu.json.bak"
     assert store.load(fingerprint, MODEL_ID, VARIANT) is not None
+    assert (path.parent / "base_model_cpu.json.bak").read_bytes() == before[0]  # the broken file, as it was
 
 
 def test_wrong_or_missing_schema_version_is_named(tmp_path: Path, fingerprint: Fingerprint) -> None:
@@ -262,3 +265,54 @@ def test_shared_memory_keys_apart_and_none_keeps_every_recorded_path(fingerprint
         stored = Baseline.from_json(path.read_text(), path).fingerprint
         assert stored.dirname() == path.parent.parent.name  # every recorded file still sits under its own key
         assert (stored.shared_memory != "none") == ("-shm-" in path.parent.parent.name)
+
+
+def test_overwriting_keeps_the_previous_file_as_bak(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    first = path.read_bytes()
+    store.save(baseline(fingerprint, {"startup": {"cold_start_s": 5.0}}))
+    second = path.read_bytes()
+    store.save(baseline(fingerprint, {"startup": {"cold_start_s": 4.0}}))
+
+    backup = path.with_name("base_model_cpu.json.bak")
+    assert backup.read_bytes() == second != first  # the file as it was before the latest save
+    assert json.loads(path.read_bytes())["levels"] == {"startup": {"cold_start_s": 4.0}}
+    assert sorted(os.listdir(path.parent)) == ["base_model_cpu.json", "base_model_cpu.json.bak"]
+
+
+def test_a_write_that_fails_after_the_backup_leaves_the_previous_file_and_its_backup(
+    tmp_path: Path, fingerprint: Fingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = BaselineStore(tmp_path)
+    store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    before = snapshot(path)
+    replace_file = os.replace
+
+    def disk_full_for_the_baseline(source: str, target: str) -> None:
+        if Path(target) == path:
+            raise OSError(28, "No space left on device")
+        replace_file(source, target)
+
+    monkeypatch.setattr(os, "replace", disk_full_for_the_baseline)
+    with pytest.raises(OSError, match="No space left on device"):
+        store.save(baseline(fingerprint, {"startup": {"cold_start_s": 5.0}}))
+    assert snapshot(path) == before
+    assert path.with_name("base_model_cpu.json.bak").read_bytes() == before[0]
+    assert sorted(os.listdir(path.parent)) == ["base_model_cpu.json", "base_model_cpu.json.bak"]  # no temp file
+
+
+def test_a_backup_that_cannot_be_written_stops_the_save_before_the_file_is_touched(
+    tmp_path: Path, fingerprint: Fingerprint
+) -> None:
+    store = BaselineStore(tmp_path)
+    store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    before = snapshot(path)
+    path.with_name("base_model_cpu.json.bak").mkdir()  # in the way of the backup: os.replace raises
+
+    with pytest.raises(IsADirectoryError):
+        store.save(baseline(fingerprint, {"startup": {"cold_start_s": 5.0}}))
+    assert snapshot(path) == before

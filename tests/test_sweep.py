@@ -11,10 +11,12 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from blip_triton_bench.correctness import OutputMismatch
 from blip_triton_bench.load import REQUEST_RATE
 from blip_triton_bench.report.text import SWEEP_CSV_COLUMNS as CSV_COLUMNS
 from blip_triton_bench.report.write import BEST_CONFIG, write_sweep_report
 from blip_triton_bench.repository import parse_config
+from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.sweep import (
     AUTO,
     DEFAULT_GRID,
@@ -23,11 +25,13 @@ from blip_triton_bench.sweep import (
     SweepError,
     SweepGrid,
     SweepMeasurement,
+    SweepResult,
     as_given_point,
     best_under_budget,
     config_text,
     pareto_frontier,
     parse_grid,
+    run_sweep,
     sweep_points,
     write_config,
 )
@@ -489,3 +493,69 @@ def test_the_config_as_given_is_a_point_of_its_own(base_config) -> None:
     assert point.max_queue_delay_microseconds == 1000
     assert point.intra_op_thread_count == 0  # ONNX Runtime's default
     assert point.name not in {p.name for p in sweep_points(BASE, base_config, DEFAULT_GRID)}
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+def test_a_failing_point_is_reported_and_the_sweep_goes_on(base_config, tmp_path) -> None:
+    points, measurements = _swept(base_config)
+    by_point = {point.name: [m for m in measurements if m.point_name == point.name] for point in points}
+
+    def measure_point(point):
+        if point is points[1]:
+            raise ServerStartError("Triton failed to load model 'x': out of memory\nServer log lines: ...")
+        if point is points[2]:
+            yield by_point[point.name][0]
+            raise OutputMismatch("logits: max abs error 3, OUTSIDE tolerance")
+        yield from by_point[point.name]
+
+    def write(result: SweepResult) -> None:
+        reports.append(write_sweep_report(tmp_path, BASE, points, result.measurements, None, result.failures))
+
+    reports = []
+    result = run_sweep(points, measure_point, write)
+
+    assert [(f.point_name, f.levels_measured) for f in result.failures] == [(points[1].name, 0), (points[2].name, 1)]
+    assert result.failures[0].cause.startswith("ServerStartError: Triton failed to load model 'x': out of memory\n")
+    assert [m.point_name for m in result.measurements] == [points[0].name] * 2 + [points[2].name] + [points[3].name] * 2
+    assert len(reports) == len(points)  # rewritten after every point
+    markdown = reports[-1].markdown_path.read_text()
+    assert f"- {points[1].name}: ServerStartError: Triton failed to load model 'x': out of memory\n" in markdown
+    assert f"- {points[2].name}: OutputMismatch: logits: max abs error 3, OUTSIDE tolerance (after 1 level" in markdown
+    assert "Not measured" not in markdown
+    assert f"- FAILED {points[1].name}: ServerStartError: Triton failed to load model 'x': out of memory" in (
+        reports[-1].lines
+    )
+    assert reports[-1].winner is not None  # the points that ran still pick a config
+
+
+def test_a_fault_that_stops_the_sweep_keeps_the_points_measured_before_it(base_config, tmp_path) -> None:
+    points, measurements = _swept(base_config)
+
+    def measure_point(point):
+        if point is points[2]:
+            raise KeyboardInterrupt  # Ctrl-C, or anything else that ends the session mid-sweep
+        return [m for m in measurements if m.point_name == point.name]
+
+    def write(result: SweepResult) -> None:
+        write_sweep_report(tmp_path, BASE, points, result.measurements, None, result.failures)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(points, measure_point, write)
+    with (tmp_path / "sweep.csv").open() as stream:
+        assert [row["Variant"] for row in csv.DictReader(stream)] == [points[0].name] * 2 + [points[1].name] * 2
+    assert f"Not measured: {points[2].name}, {points[3].name}." in (tmp_path / "sweep.md").read_text()
+
+
+def test_a_report_with_every_point_failed_names_them(base_config, tmp_path) -> None:
+    points, _ = _swept(base_config)
+
+    def measure_point(point):
+        raise ServerStartError(f"Triton failed to load model '{point.name}'")
+
+    result = run_sweep(points, measure_point, lambda _result: None)
+    report = write_sweep_report(tmp_path, BASE, points, result.measurements, 1000.0, result.failures)
+    assert report.winner is None and report.best_config_path is None
+    assert sum(line.startswith("- FAILED ") for line in report.lines) == len(points)
+    assert report.plot_path.read_bytes().startswith(b"\x89PNG")

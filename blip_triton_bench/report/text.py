@@ -13,7 +13,7 @@ from blip_triton_bench.load import CONCURRENCY
 from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
 from blip_triton_bench.resources import ResourceUsage
 from blip_triton_bench.selection import ServingEfficiency, VariantSummary
-from blip_triton_bench.sweep import SweepMeasurement, SweepPoint
+from blip_triton_bench.sweep import SweepFailure, SweepMeasurement, SweepPoint
 
 #: Resource use per level under Model Analyzer's names (perf_analyzer has none): CPU as a mean over the measured
 #: windows, memory as its peak, GPU utilisation and power as means.
@@ -395,6 +395,12 @@ def winner_sentence(winner: SweepMeasurement | None, rows: Sequence[SweepMeasure
     )
 
 
+def failure_text(failure: SweepFailure) -> str:
+    """`name: cause (after N levels measured)`, the cause's first line only."""
+    after = f" (after {failure.levels_measured} level(s) measured, kept above)" if failure.levels_measured else ""
+    return f"{failure.point_name}: {failure.headline}{after}"
+
+
 def sweep_markdown(
     base_name: str,
     points: Sequence[SweepPoint],
@@ -403,6 +409,7 @@ def sweep_markdown(
     winner,
     sentence: str,
     sweep_plot_name: str,
+    failures: Sequence[SweepFailure] = (),
 ) -> str:
     by_name = {point.name: point for point in points}
     on_frontier = {id(m) for m in frontier}
@@ -431,8 +438,11 @@ def sweep_markdown(
             f"{knobs['max_queue_delay_microseconds']} | {knobs['instance_count']} | {knobs['intra_op_thread_count']} | "
             f"{m.throughput_infer_per_s:.2f} | {m.latency_p50_ms:.1f} | {m.latency_p99_ms:.1f} | {', '.join(notes)} |"
         )
-    measured = {m.point_name for m in rows}
-    unmeasured = [point.name for point in points if point.name not in measured]
+    if failures:
+        lines += ["", "Failed (left out of the choice):", ""]
+        lines += [f"- {failure_text(failure)}" for failure in failures]
+    done = {m.point_name for m in rows} | {failure.point_name for failure in failures}
+    unmeasured = [point.name for point in points if point.name not in done]
     if unmeasured:
         lines += ["", f"Not measured: {', '.join(unmeasured)}."]
     lines += [

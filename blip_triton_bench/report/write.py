@@ -26,6 +26,7 @@ from blip_triton_bench.report.text import (
     csv_row,
     csv_text,
     efficiency_table,
+    failure_text,
     markdown_table,
     resource_notes,
     startup_table,
@@ -37,6 +38,7 @@ from blip_triton_bench.report.text import (
 from blip_triton_bench.repository import LOGITS_ROLE
 from blip_triton_bench.selection import serving_efficiency, summarize_variants
 from blip_triton_bench.sweep import (
+    SweepFailure,
     SweepMeasurement,
     SweepPoint,
     best_under_budget,
@@ -107,6 +109,37 @@ def write_csv(path: Path, results: Sequence[JudgedLevel]) -> None:
     write_text_atomic(path, csv_text(CSV_COLUMNS, [csv_row(judged) for judged in results]))
 
 
+def _level_tables(results: Sequence[JudgedLevel], efficiencies, startup: Sequence[StartupResult]) -> tuple[str, str]:
+    """The load-level table (with resource notes) and the serving-efficiency table (with start-up)."""
+    table = markdown_table(results) if results else "(no load level measured)"
+    if notes_on_resources := resource_notes(results):
+        table += "\n\n" + "\n".join(f"- {note}" for note in notes_on_resources)
+    efficiency = efficiency_table(efficiencies)
+    if any(result.level_id == STARTUP_LEVEL for result in startup):
+        efficiency += "\n\n" + startup_table(startup)
+    return table, efficiency
+
+
+def _summary_lines(table: str, efficiency: str, sections: Sequence[ReportSection]) -> list[str]:
+    lines = [table, "", efficiency, ""]
+    for section in sections:
+        lines += [f"{section.title}:", section.markdown, ""]
+    return lines
+
+
+def report_lines(
+    results: Sequence[JudgedLevel],
+    in_process_infer_per_s: float | None,
+    startup: Sequence[StartupResult] = (),
+    sections: Sequence[ReportSection] = (),
+    in_process: Mapping[str, InProcessReference] | None = None,
+    min_ratios: Mapping[str, float] | None = None,
+) -> list[str]:
+    """The terminal summary's tables, written nowhere: what a run still shows when its report cannot be written."""
+    efficiencies = serving_efficiency(results, in_process_infer_per_s, in_process, min_ratios)
+    return _summary_lines(*_level_tables(results, efficiencies, startup), sections)
+
+
 def write_report(
     directory: Path,
     results: Sequence[JudgedLevel],
@@ -125,12 +158,7 @@ def write_report(
     """
     directory.mkdir(parents=True, exist_ok=True)
     efficiencies = serving_efficiency(results, in_process_infer_per_s, in_process, min_ratios)
-    table = markdown_table(results) if results else "(no load level measured)"
-    if notes_on_resources := resource_notes(results):
-        table += "\n\n" + "\n".join(f"- {note}" for note in notes_on_resources)
-    efficiency = efficiency_table(efficiencies)
-    if any(result.level_id == STARTUP_LEVEL for result in startup):
-        efficiency += "\n\n" + startup_table(startup)
+    table, efficiency = _level_tables(results, efficiencies, startup)
     write_json(directory / "results.json", {"notes": list(notes)}, results, efficiencies, startup, sections)
     write_csv(directory / "results.csv", results)
     plots = plot_levels(results, directory)
@@ -142,14 +170,15 @@ def write_report(
         parts += [f"## {section.title}", section.markdown, *[f"![]({p.name})" for p in section.plots]]
     write_text_atomic(directory / "report.md", "\n\n".join(parts) + "\n")
     names = [p.name for p in plots] + [p.name for section in sections for p in section.plots]
-    lines = [table, "", efficiency, ""]
-    for section in sections:
-        lines += [f"{section.title}:", section.markdown, ""]
+    lines = _summary_lines(table, efficiency, sections)
     return [*lines, f"report: {directory} (results.json, results.csv, report.md, {', '.join(names)})"]
 
 
-def session_sections(session: BenchSession, directory: Path) -> list[ReportSection]:
-    """Caption latency, the pick-a-variant table and plot, and the sweep, from what the session's tests recorded."""
+def session_sections(session: BenchSession, directory: Path | None) -> list[ReportSection]:
+    """Caption latency, the pick-a-variant table and plot, and the sweep, from what the session's tests recorded.
+
+    `directory` None: no plot is drawn (the report could not be written; the tables still reach the summary).
+    """
     variants = session.variants
     summaries = summarize_variants(
         {variant.name: ("split" if variant.composing_models else variant.artifact) for variant in variants},
@@ -173,7 +202,7 @@ def session_sections(session: BenchSession, directory: Path) -> list[ReportSecti
             )
         )
     if summaries:
-        plot = plot_accuracy_vs_speed(summaries, directory)
+        plot = plot_accuracy_vs_speed(summaries, directory) if directory is not None else None
         sections.append(
             ReportSection(
                 "Pick a variant",
@@ -211,10 +240,13 @@ def write_sweep_report(
     points: Sequence[SweepPoint],
     measurements: Sequence[SweepMeasurement],
     latency_budget_ms: float | None,
+    failures: Sequence[SweepFailure] = (),
 ) -> SweepReport:
     """Write sweep.csv, sweep.md, sweep_frontier.png and (when a config fits) best_config.pbtxt under `directory`.
 
     best_config.pbtxt is the winner's config named `base_name`, to replace the base variant's config.pbtxt.
+    `failures` (points whose load, check or measurement raised) are listed in sweep.md and the summary lines.
+    Called after every point of a sweep, so each call rewrites the files with everything measured so far.
     """
     rows = ordered_measurements(points, measurements)
     frontier = pareto_frontier(rows)
@@ -225,7 +257,9 @@ def write_sweep_report(
 
     csv_path, markdown_path, plot_path = directory / SWEEP_CSV, directory / SWEEP_MARKDOWN, directory / SWEEP_PLOT
     write_text_atomic(csv_path, sweep_csv(points, rows, frontier, winner))
-    write_text_atomic(markdown_path, sweep_markdown(base_name, points, rows, frontier, winner, sentence, SWEEP_PLOT))
+    write_text_atomic(
+        markdown_path, sweep_markdown(base_name, points, rows, frontier, winner, sentence, SWEEP_PLOT, failures)
+    )
     plot_frontier(plot_path, rows, frontier, winner, latency_budget_ms)
 
     best_config_path: Path | None = directory / BEST_CONFIG
@@ -249,6 +283,7 @@ def write_sweep_report(
         + (f" ({unusable} unstable or with errors, left out of the choice)" if unusable else ""),
         f"- {sentence}",
     ]
+    lines += [f"- FAILED {failure_text(failure)}" for failure in failures]
     if frontier:
         lines.append(
             "- frontier: "
