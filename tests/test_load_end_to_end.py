@@ -136,6 +136,6 @@ def test_poisson_arrivals_average_the_offered_rate(server: LocalServer) -> None:
 
 def test_http_requests_succeed_as_grpc_ones_do(server: LocalServer) -> None:
     settings = LoadSettings(window_s=0.5, warmup_s=0.2, max_windows=3, min_requests_per_window=1, protocol="http")
-    level = measure_level(server.endpoints.http_url, "busy", inputs(), LoadLevel(CONCURRENCY, 2), settings)
+    level = measure_level(server.endpoints.http_url, "fixed", inputs(), LoadLevel(CONCURRENCY, 2), settings)
     assert sum(len(window.latencies_ms) for window in level.windows) > 0
     assert level.summary.errors == 0  # a float `timeout` once made the server reject every HTTP request
