@@ -52,6 +52,7 @@ class BenchSession:
 
     variants: list[Variant] = field(default_factory=list)  # the selected variants, in repository order
     notes: list[str] = field(default_factory=list)
+    leftovers_removed: list[str] = field(default_factory=list)  # what a killed session left, removed at this start
     server: RunningServer | None = None
     model_loads: dict[str, ModelLoad | ServerStartError] = field(default_factory=dict)
     correctness: list[str] = field(default_factory=list)

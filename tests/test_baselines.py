@@ -17,6 +17,7 @@ from blip_triton_bench.baselines import (
     BaselineError,
     BaselineStore,
     Fingerprint,
+    cpu_features_mismatch,
     record_command,
 )
 
@@ -316,3 +317,76 @@ def test_a_backup_that_cannot_be_written_stops_the_save_before_the_file_is_touch
     with pytest.raises(IsADirectoryError):
         store.save(baseline(fingerprint, {"startup": {"cold_start_s": 5.0}}))
     assert snapshot(path) == before
+
+
+AVX2 = ("avx2",)
+AVX512 = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16")
+
+
+def test_cpu_features_key_apart_and_unknown_keys_as_before_the_field(fingerprint: Fingerprint) -> None:
+    # Unknown (None) is left out of the JSON, so files recorded before the field keep their folder.
+    assert "cpu_features" not in fingerprint.to_dict()
+    assert fingerprint.key() == "d76c2a035f3d"  # the key this fingerprint had before cpu_features existed
+    keys = {replace(fingerprint, cpu_features=features).key() for features in (None, (), AVX2, AVX512)}
+    assert len(keys) == 4  # no AVX2 host ever reads an AVX-512 host's file, nor an unknown one
+    assert replace(fingerprint, cpu_features=AVX512).to_dict()["cpu_features"] == list(AVX512)
+
+
+def test_committed_baselines_without_cpu_features_still_load_where_they_are() -> None:
+    committed = sorted((Path(__file__).parent.parent / "baselines").glob("*/*/*.json"))
+    assert committed
+    for path in committed:
+        stored = Baseline.from_json(path.read_text(), path)
+        assert stored.fingerprint.cpu_features is None  # unknown, not "none of them"
+        assert stored.fingerprint.dirname() == path.parent.parent.name
+
+
+def test_cpu_features_round_trip_and_are_checked(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    recorded = baseline(replace(fingerprint, cpu_features=AVX512), {"startup": {"cold_start_s": 2.0}})
+    store.save(recorded)
+    assert store.load(recorded.fingerprint, MODEL_ID, VARIANT) == recorded
+    data = json.loads(recorded.to_json())
+    data["fingerprint"]["cpu_features"] = "avx2"
+    with pytest.raises(BaselineError, match=r"field fingerprint\.cpu_features should be a list"):
+        Baseline.from_json(json.dumps(data), Path("x.json"))
+
+
+def test_a_baseline_from_another_cpu_feature_set_is_not_used_and_says_why(fingerprint: Fingerprint) -> None:
+    avx2, avx512 = replace(fingerprint, cpu_features=AVX2), replace(fingerprint, cpu_features=AVX512)
+    assert cpu_features_mismatch(avx2, avx512) == (
+        "baseline recorded on a CPU with avx2 only; this CPU has avx2 avx512f avx512_vnni avx512_bf16: "
+        "re-record with --update-baselines on this machine kind"
+    )
+    assert cpu_features_mismatch(avx512, avx512) is None  # same features: it is simply used
+    assert cpu_features_mismatch(replace(avx2, cpu_cores=4), avx512) is None  # another machine altogether
+
+
+def test_a_baseline_with_unknown_cpu_features_never_counts_as_matching(fingerprint: Fingerprint) -> None:
+    unknown, avx2 = fingerprint, replace(fingerprint, cpu_features=AVX2)
+    reason = cpu_features_mismatch(unknown, avx2)
+    assert reason is not None and reason.startswith("baseline recorded on a CPU with unknown features")
+    assert "this CPU has avx2 only" in reason
+
+
+def test_missing_baseline_message_names_the_other_feature_sets_file(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = BaselineStore(tmp_path)
+    legacy = baseline(fingerprint, {"startup": {"cold_start_s": 2.0}})  # recorded before cpu_features
+    store.save(legacy)
+    store.save(baseline(replace(fingerprint, cpu_features=AVX2), {"startup": {"cold_start_s": 2.0}}))
+    store.save(baseline(replace(fingerprint, cpu_cores=4, cpu_features=AVX2), {"startup": {"cold_start_s": 2.0}}))
+    here = replace(fingerprint, cpu_features=AVX512)
+    assert store.load(here, MODEL_ID, VARIANT) is None
+    reasons = store.cpu_features_mismatches(here, MODEL_ID, VARIANT)
+    assert len(reasons) == 2  # the 4-core file is another machine's, not another feature set's
+    assert any("avx2 only" in reason for reason in reasons)
+    assert any("unknown features" in reason for reason in reasons)
+    legacy_path = str(store.path_for(fingerprint, MODEL_ID, VARIANT))
+    assert any(reason.endswith(f"({legacy_path})") for reason in reasons)
+
+    from blip_triton_bench.perf import missing_baseline_message
+
+    message = missing_baseline_message(VARIANT, "startup", store.path_for(here, MODEL_ID, VARIANT), [], reasons)
+    assert message.startswith(f"no baseline for {VARIANT} startup on this machine")
+    assert "baseline recorded on a CPU with avx2 only; this CPU has avx2 avx512f" in message
+    assert message.endswith("record one with: pytest --update-baselines")

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.hardware import GpuInfo, parse_nvidia_smi, probe_host, read_cpu_model
+from blip_triton_bench.hardware import (
+    GpuInfo,
+    parse_cpu_features,
+    parse_nvidia_smi,
+    probe_host,
+    read_cpu_features,
+    read_cpu_model,
+)
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "560.35.03", 81559)
 
@@ -78,3 +85,38 @@ def test_probe_asks_nvidia_smi_for_the_gpus(tmp_path, monkeypatch) -> None:
 def test_a_failing_nvidia_smi_means_no_gpu(tmp_path, monkeypatch, script: str) -> None:
     monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path, script)))
     assert probe_host().gpus == ()
+
+
+# Two processors of the two "AMD EPYC" host kinds these VMs run on, flags lines as /proc/cpuinfo prints them.
+AVX2_ONLY_CPUINFO = """processor\t: 0
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni
+
+processor\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni
+"""
+AVX512_CPUINFO = (
+    "processor\t: 0\nmodel name\t: AMD EPYC\n"
+    "flags\t\t: fpu sse2 avx2 fma avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512vbmi avx512_vnni gfni\n"
+)
+
+
+def test_cpu_features_are_the_speed_relevant_flags_in_a_fixed_order() -> None:
+    assert parse_cpu_features(AVX2_ONLY_CPUINFO) == ("avx2",)
+    assert parse_cpu_features(AVX512_CPUINFO) == ("avx2", "avx512f", "avx512_vnni", "avx512_bf16")
+    sapphire_rapids = "flags : avx2 amx_bf16 avx512f amx_tile amx_int8 avx_vnni avx512_vnni avx512_bf16\n"
+    assert parse_cpu_features(sapphire_rapids) == (
+        "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+    )  # fmt: skip
+
+
+def test_cpu_features_match_whole_flags_not_prefixes() -> None:
+    # "avx512f" must not be read out of "avx512fp16", nor "avx2" out of a line that only has "avx".
+    assert parse_cpu_features("flags\t: avx avx512fp16 avx512_vnni_x\n") == ()
+
+
+def test_cpu_without_a_flags_line_has_no_features(tmp_path: Path) -> None:
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32\n"
+    assert parse_cpu_features(arm) == ()
+    assert read_cpu_features(tmp_path / "absent") == ()

@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from onnx import TensorProto, helper
+from tritonclient.utils import InferenceServerException
 
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
@@ -207,3 +208,21 @@ def test_a_server_that_never_becomes_ready_times_out_with_its_log_and_is_stopped
     assert "Its log ends with:" in str(error.value)
     running = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert running == []  # the half-started tritonserver was stopped, not left behind
+
+
+def test_model_control_needs_the_sessions_key_and_the_suite_sends_it(server: LocalServer) -> None:
+    assert server.model_control is not None
+    for client in (
+        triton_http.InferenceServerClient(server.endpoints.http_url),
+        triton_grpc.InferenceServerClient(server.endpoints.grpc_url),
+    ):
+        with pytest.raises(InferenceServerException, match="restricted, expecting header"):
+            client.load_model("doubler")  # anything else reaching the port: no key
+        with pytest.raises(InferenceServerException, match="restricted, expecting header"):
+            client.unload_model("doubler", headers={server.model_control.header: "guessed"})
+        assert client.is_server_live()  # health, metadata and inference stay open for the load generator
+        client.close()
+    server.unload_model("doubler")
+    assert not server.is_model_ready("doubler")
+    assert server.load_model("doubler").load_s > 0  # the suite's own calls carry the key
+    assert server.is_model_ready("doubler")

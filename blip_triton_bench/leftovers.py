@@ -1,0 +1,165 @@
+"""What a SIGKILLed session leaves behind, found and removed at the next start: containers, /dev/shm regions and
+half-written cache entries whose owning process is gone.
+
+Deciding is pure (names, labels and the set of live pids in, names out); only `remove_leftovers` touches anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_SHM_DIR = Path("/dev/shm")  # where POSIX shm_open names appear as files on Linux
+
+#: /dev/shm names the suite creates: its own regions (`blip-bench-<pid>-<token>-...`, shared_memory.level_tag) and
+#: the Python backend's of a local server, whose prefix the provider sets to `blip-bench-<pid>-triton-` (Triton's
+#: default, `triton_python_backend_shm_region_<uuid>`, says nothing about who made it).
+SHM_NAME = re.compile(r"blip-bench-(?P<pid>\d+)-.+")
+#: produce_directory's work folders: `.tmp-<key>-pid<pid>-<mkdtemp's random suffix>` beside the cache entry.
+TEMP_DIR_NAME = re.compile(r"\.tmp-.+-pid(?P<pid>\d+)-[a-z0-9_]+")
+#: Container labels (servers/container.py sets them): who started it, on which host; a pid means nothing elsewhere.
+OWNER_PID_LABEL = "blip-triton-bench.owner-pid"
+OWNER_HOST_LABEL = "blip-triton-bench.owner-host"
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    container_id: str
+    labels: Mapping[str, str]
+
+
+def pid_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _owner_pid(pattern: re.Pattern[str], name: str) -> int | None:
+    match = pattern.fullmatch(name)
+    return int(match["pid"]) if match else None
+
+
+def stale_shm_names(names: Iterable[str], live_pids: Collection[int]) -> list[str]:
+    """/dev/shm names of ours whose owning process is not in `live_pids`; every other name is left alone."""
+    return sorted(name for name in names if (pid := _owner_pid(SHM_NAME, name)) is not None and pid not in live_pids)
+
+
+def stale_temp_dirs(names: Iterable[str], live_pids: Collection[int]) -> list[str]:
+    """produce_directory work folders (by name) whose producing process is not in `live_pids`."""
+    return sorted(
+        name for name in names if (pid := _owner_pid(TEMP_DIR_NAME, name)) is not None and pid not in live_pids
+    )
+
+
+def stale_containers(containers: Iterable[ContainerInfo], host: str, live_pids: Collection[int]) -> list[str]:
+    """Ids of our containers started on `host` by a process not in `live_pids`. One without owner labels (started
+    by an older suite) or from another host cannot be judged from here and is kept."""
+    stale = []
+    for container in containers:
+        pid_text = container.labels.get(OWNER_PID_LABEL, "")
+        if container.labels.get(OWNER_HOST_LABEL) == host and pid_text.isdigit() and int(pid_text) not in live_pids:
+            stale.append(container.container_id)
+    return stale
+
+
+def owner_pids(pattern: re.Pattern[str], names: Iterable[str]) -> set[int]:
+    return {pid for name in names if (pid := _owner_pid(pattern, name)) is not None}
+
+
+def live_among(pids: Iterable[int]) -> set[int]:
+    return {pid for pid in pids if pid_is_alive(pid)}
+
+
+def remove_stale_shm(shm_dir: Path) -> list[str]:
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return []
+    lines = []
+    for name in stale_shm_names(names, live_among(owner_pids(SHM_NAME, names))):
+        try:
+            (shm_dir / name).unlink()
+        except OSError as error:
+            lines.append(f"could not remove stale shared memory {shm_dir / name}: {error}")
+            continue
+        lines.append(f"removed stale shared memory {shm_dir / name} (its process is gone)")
+    return lines
+
+
+def remove_stale_temp_dirs(cache_dir: Path) -> list[str]:
+    """Work folders directly under the cache's subfolders (exports/, students/, stub-envs/), where
+    produce_directory puts them beside the entry it produces."""
+    candidates = [path for path in cache_dir.glob("*/.tmp-*") if path.is_dir()] if cache_dir.is_dir() else []
+    names = [path.name for path in candidates]
+    stale = set(stale_temp_dirs(names, live_among(owner_pids(TEMP_DIR_NAME, names))))
+    lines = []
+    for path in candidates:
+        if path.name in stale:
+            shutil.rmtree(path, ignore_errors=True)
+            lines.append(f"removed the work folder of a killed export {path} (its process is gone)")
+    return lines
+
+
+def remove_stale_containers(client: Any, host: str) -> list[str]:
+    """Our labelled containers whose owner is gone (docker-py client); Docker errors are a line, not a failure."""
+    import docker
+    import requests
+
+    from blip_triton_bench.servers.container import CONTAINER_LABEL
+
+    try:
+        found = client.containers.list(all=True, filters={"label": CONTAINER_LABEL})
+        infos = [ContainerInfo(container.id, container.labels or {}) for container in found]
+        pids = {int(info.labels[OWNER_PID_LABEL]) for info in infos if info.labels.get(OWNER_PID_LABEL, "").isdigit()}
+        stale = set(stale_containers(infos, host, live_among(pids)))
+        lines = []
+        for container in found:
+            if container.id in stale:
+                container.remove(force=True)
+                pid = container.labels.get(OWNER_PID_LABEL)
+                lines.append(
+                    f"removed stale container {container.id[:12]} (label {CONTAINER_LABEL}; pid {pid} is gone)"
+                )
+        return lines
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
+        return [f"could not look for stale {CONTAINER_LABEL} containers: {error}"]
+
+
+def remove_session_leftovers(cache_dir: Path, server_kind: str) -> list[str]:
+    """At session start: this host's /dev/shm and `cache_dir`, and Docker's containers when this run uses Docker."""
+    client = None
+    if server_kind == "container":
+        from blip_triton_bench.servers.base import ServerStartError
+        from blip_triton_bench.servers.container import _engine_client
+
+        try:
+            client = _engine_client()
+        except ServerStartError:
+            client = None  # the provider says so itself when it starts
+    try:
+        return remove_leftovers(SYSTEM_SHM_DIR, cache_dir, client, socket.gethostname())
+    finally:
+        if client is not None:
+            client.close()
+
+
+def remove_leftovers(shm_dir: Path, cache_dir: Path, docker_client: Any | None, host: str) -> list[str]:
+    """Containers first: one sharing the host's IPC namespace holds /dev/shm regions until it is gone."""
+    lines = remove_stale_containers(docker_client, host) if docker_client is not None else []
+    lines += remove_stale_shm(shm_dir) + remove_stale_temp_dirs(cache_dir)
+    for line in lines:
+        logger.warning("%s", line)
+    return lines

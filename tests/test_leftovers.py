@@ -1,0 +1,93 @@
+"""Leftovers of a SIGKILLed session: what counts as stale (pure, fixed inputs) and one cleanup on real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from blip_triton_bench.files import produce_directory
+from blip_triton_bench.leftovers import (
+    OWNER_HOST_LABEL,
+    OWNER_PID_LABEL,
+    ContainerInfo,
+    remove_leftovers,
+    stale_containers,
+    stale_shm_names,
+    stale_temp_dirs,
+)
+from blip_triton_bench.servers.local import shm_prefix_setting
+from blip_triton_bench.shared_memory import level_tag
+
+
+def dead_pid() -> int:
+    """A pid that just exited (and was reaped): no process has it."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_only_our_shm_names_with_a_gone_pid_are_stale() -> None:
+    names = [
+        "blip-bench-100-0123456789ab-input",  # suite's region, owner gone
+        "blip-bench-200-0123456789ab-output-3",  # suite's region, owner alive
+        "blip-bench-100-triton-eeec5eec-ddd3-45a7-a71b-6c78fe9d3061",  # a killed local server's Python backend
+        "triton_python_backend_shm_region_1a395faa-86f4",  # Triton's default name: whose, nobody can say
+        "blip-bench-notapid-x",
+        "sem.blip-bench-100-x",
+        "pulse-shm-100",
+    ]
+    assert stale_shm_names(names, live_pids={200}) == [
+        "blip-bench-100-0123456789ab-input",
+        "blip-bench-100-triton-eeec5eec-ddd3-45a7-a71b-6c78fe9d3061",
+    ]
+
+
+def test_names_the_suite_and_the_server_create_are_recognised() -> None:
+    # What shared_memory.py and the local provider's prefix really produce, not a hand-written copy.
+    region = f"{level_tag(pid=100)}-input"
+    python_backend = shm_prefix_setting(pid=100).split("=", 1)[1] + "eeec5eec-ddd3-45a7-a71b-6c78fe9d3061"
+    assert stale_shm_names([region, python_backend], live_pids=set()) == sorted([region, python_backend])
+
+
+def test_only_work_folders_with_a_gone_pid_are_stale() -> None:
+    names = [".tmp-3f9a0c12-pid100-k2_x9abc", ".tmp-3f9a0c12-pid200-zz81q0aa", ".tmp-3f9a0c12-q8x7", "base-3f9a0c12"]
+    assert stale_temp_dirs(names, live_pids={200}) == [".tmp-3f9a0c12-pid100-k2_x9abc"]
+
+
+def test_only_this_hosts_containers_with_a_gone_owner_are_stale() -> None:
+    containers = [
+        ContainerInfo("gone", {OWNER_PID_LABEL: "100", OWNER_HOST_LABEL: "ci-7"}),
+        ContainerInfo("alive", {OWNER_PID_LABEL: "200", OWNER_HOST_LABEL: "ci-7"}),
+        ContainerInfo("other-host", {OWNER_PID_LABEL: "100", OWNER_HOST_LABEL: "ci-8"}),
+        ContainerInfo("older-suite", {}),  # no owner label: cannot be judged, kept
+    ]
+    assert stale_containers(containers, "ci-7", live_pids={200}) == ["gone"]
+
+
+def test_cleanup_removes_a_killed_sessions_shm_and_work_folder_and_keeps_live_ones(tmp_path: Path) -> None:
+    shm_dir, cache = Path("/dev/shm"), tmp_path / "cache"
+    gone = dead_pid()
+    stale_region = shm_dir / f"{level_tag(pid=gone)}-input"
+    live_region = shm_dir / f"{level_tag()}-input"  # this process's: alive
+    stale_region.write_bytes(b"x")
+    live_region.write_bytes(b"x")
+    # A real produce_directory work folder of this process (the name it really uses), then one of a dead pid.
+    seen = []
+    produce_directory(cache / "exports" / "entry", "key1", lambda work: seen.append(work.name), lambda d: True)
+    assert seen and f"-pid{os.getpid()}-" in seen[0]
+    stale_work = cache / "exports" / seen[0].replace(f"-pid{os.getpid()}-", f"-pid{gone}-")
+    live_work = cache / "exports" / f".tmp-key2-pid{os.getpid()}-abc123"
+    stale_work.mkdir()
+    (stale_work / "model.onnx").write_bytes(b"half")
+    live_work.mkdir()
+    try:
+        lines = remove_leftovers(shm_dir, cache, None, "this-host")
+        assert not stale_region.exists() and not stale_work.exists()
+        assert live_region.exists() and live_work.exists() and (cache / "exports" / "entry").is_dir()
+        assert f"removed stale shared memory {stale_region} (its process is gone)" in lines
+        assert f"removed the work folder of a killed export {stale_work} (its process is gone)" in lines
+    finally:
+        for path in (stale_region, live_region):
+            path.unlink(missing_ok=True)
