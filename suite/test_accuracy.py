@@ -15,6 +15,7 @@ from blip_triton_bench.caption import caption_through_triton, greedy_caption
 from blip_triton_bench.client import TritonInferClient
 from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS, threshold_for_artifact
 from blip_triton_bench.model import ModelDescription
+from blip_triton_bench.options import BenchOptions
 from blip_triton_bench.reference import ReferenceSessions
 from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
@@ -61,9 +62,10 @@ def test_accuracy_against_fp32_teacher(
     accuracy_inputs: list[ModelInputs],
     teacher_captions: list[tuple[int, ...]],
     bench_session,
+    bench_options: BenchOptions,
 ) -> None:
     teacher = reference_sessions.for_export()
-    with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc") as client:
+    with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc", bench_options.request_timeout_s) as client:
         served = np.concatenate([client.infer(served_variant.name, inputs) for inputs in accuracy_inputs])
         captions = [
             caption_through_triton(client, served_variant.name, model_description, inputs.pixel_values, CAPTION_TOKENS)

@@ -12,7 +12,7 @@ import pytest
 
 from blip_triton_bench.baselines import BaselineError
 from blip_triton_bench.load import LoadLevel
-from blip_triton_bench.perf import PerfRun, UnstableMeasurement, enforce_verdict
+from blip_triton_bench.perf import PerfRun, UnstableMeasurement, VariantStopped, enforce_verdict
 from blip_triton_bench.servers.served import ServedVariant
 
 pytestmark = pytest.mark.perf
@@ -23,6 +23,10 @@ def test_throughput_and_latency(served_variant: ServedVariant, load_level: LoadL
         judged = perf_run.run_level(served_variant.variant, load_level)
     except BaselineError as error:
         pytest.fail(str(error), pytrace=False)
+    except VariantStopped as stopped:
+        if not stopped.first:  # the level that stopped the variant said why, with the server's log
+            pytest.skip(str(stopped).splitlines()[0])
+        pytest.fail(str(stopped), pytrace=False)
 
     summary = judged.measurement.summary
     assert summary.request_count > 0, f"no request completed at {load_level.level_id}"

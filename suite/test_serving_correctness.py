@@ -11,6 +11,7 @@ import pytest
 from blip_triton_bench.client import TritonInferClient
 from blip_triton_bench.correctness import assert_close, serving_tolerance
 from blip_triton_bench.model import ModelDescription
+from blip_triton_bench.options import BenchOptions
 from blip_triton_bench.reference import ReferenceSessions
 from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import build_inputs
@@ -32,6 +33,7 @@ def test_triton_matches_onnxruntime(
     reference_sessions: ReferenceSessions,
     model_description: ModelDescription,
     bench_session,
+    bench_options: BenchOptions,
     protocol: str,
 ) -> None:
     endpoints = served_variant.server.endpoints
@@ -43,7 +45,7 @@ def test_triton_matches_onnxruntime(
         fp16=served_variant.variant.runs_in_fp16,
         reference_on_gpu=reference.on_gpu,
     )
-    with TritonInferClient(url, protocol) as client:
+    with TritonInferClient(url, protocol, bench_options.request_timeout_s) as client:
         for batch_size in batch_sizes(served_variant):
             inputs = build_inputs(model_description, batch_size, SEQUENCE_LENGTH, seed=batch_size)
             served = client.infer(served_variant.name, inputs)

@@ -8,16 +8,20 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from blip_triton_bench.export import export_model
+from blip_triton_bench.load import LoadSettings
 from blip_triton_bench.model import ModelSpec, load_model
+from blip_triton_bench.perf import NO_CEILING_ON_EXTERNAL, CeilingProbe, PerfSettings
 from blip_triton_bench.repository import discover_variants, stage_repository
-from blip_triton_bench.servers.base import ServerStartError
+from blip_triton_bench.servers.base import ServerStartError, ServerUsageError
 from blip_triton_bench.servers.external import ExternalProvider, config_differences, external_endpoints
-from blip_triton_bench.servers.local import LocalProvider, LocalServer
+from blip_triton_bench.servers.local import LocalProvider, LocalServer, free_port
+from blip_triton_bench.workload import ModelInputs
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPOSITORY_ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt"
@@ -85,12 +89,50 @@ def test_an_unready_variant_is_reported_not_loaded(running_server: LocalServer) 
     assert not running_server.is_model_ready("base_model_gpu")  # nothing was loaded on someone else's server
 
 
-def run_suite_against(server: LocalServer, repository: Path) -> subprocess.CompletedProcess[str]:
+def test_a_grpc_endpoint_that_does_not_answer_is_one_usage_error_naming_the_option(
+    running_server: LocalServer,
+) -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    starting = ExternalProvider(running_server.endpoints.http_url, closed).start(Path("."))
+    with pytest.raises(
+        ServerUsageError, match=f"gRPC endpoint {closed} does not answer .* --triton-grpc-url HOST:PORT"
+    ):
+        starting.__enter__()
+
+
+def probe(server, tmp_path: Path, model_name: str | None, notes: list[str]) -> CeilingProbe:
+    load = LoadSettings(window_s=0.5, warmup_s=0.2, max_windows=3, min_requests_per_window=1)
+    inputs = ModelInputs(
+        np.zeros((1, 3, 384, 384), dtype=np.float32), np.ones((1, 16), dtype=np.int64), np.ones((1, 16), dtype=np.int64)
+    )
+    settings = PerfSettings(load=load, concurrency=None, request_rate=None, tolerance_pct=None)
+    return CeilingProbe(server, tmp_path, 384, 30524, server.endpoints.grpc_url, inputs, settings, notes, model_name)
+
+
+def test_the_client_ceiling_loads_nothing_on_an_external_server(running_server: LocalServer, tmp_path: Path) -> None:
+    endpoints = running_server.endpoints
+    with ExternalProvider(endpoints.http_url, endpoints.grpc_url).start(Path(".")) as server:
+        notes: list[str] = []
+        assert probe(server, tmp_path, None, notes)() is None
+        assert notes == [NO_CEILING_ON_EXTERNAL]
+        named = probe(server, tmp_path, "base_model_cpu", notes)()  # a model already loaded there
+        assert named is not None and named > 0
+        assert "base_model_cpu):" in notes[-1]
+        assert probe(server, tmp_path, "not_loaded", notes)() is None
+        assert (
+            notes[-1] == f"client ceiling not measured: --ceiling-model not_loaded is not ready on {endpoints.http_url}"
+        )
+    assert not running_server.is_model_ready("blip_bench_client_ceiling")  # nothing was staged or loaded there
+
+
+def run_suite_against(
+    server: LocalServer, repository: Path, grpc: tuple[str, ...] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--model", "tiny",
             "--server", "external", "--triton-url", server.endpoints.http_url,
-            "--triton-grpc-url", server.endpoints.grpc_url,
+            *(("--triton-grpc-url", server.endpoints.grpc_url) if grpc is None else grpc),
             f"--model-repository={repository}", "--variant", "base_model_cpu",
             "suite/test_serving_correctness.py",
         ],
@@ -120,3 +162,13 @@ def test_the_suite_runs_against_an_external_server_and_names_config_drift(
     assert "is not configured as" in failed.stdout
     assert "dynamic_batching.max_queue_delay_microseconds: repository 5000, server 1000" in failed.stdout
     assert running_server.is_model_ready("base_model_cpu")  # still served: the suite unloaded nothing
+
+
+def test_an_http_url_on_another_port_without_its_grpc_url_is_one_usage_error(running_server: LocalServer) -> None:
+    """gRPC is then assumed on port 8001, where this server does not listen: one message, not a failure per test."""
+    refused = run_suite_against(running_server, REPOSITORY_ROOT / "model_repository", grpc=())
+    assert refused.returncode == pytest.ExitCode.USAGE_ERROR, refused.stdout[-3000:] + refused.stderr[-3000:]
+    output = refused.stdout + refused.stderr
+    assert output.count("pass the gRPC endpoint with --triton-grpc-url HOST:PORT") == 1
+    assert output.count("Connection refused") == 1  # quoted once, in that message; no test ran into it on its own
+    assert " passed" not in output and " failed" not in output

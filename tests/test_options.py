@@ -67,3 +67,11 @@ def test_ci_records_into_no_folder_of_the_committed_baselines(store: str) -> Non
 def test_ci_may_record_outside_the_committed_baselines(tmp_path: Path) -> None:
     check_options(options(update_baselines=True, baseline_dir=tmp_path / "baselines"), REPOSITORY, ROOT, ci=True)
     check_options(options(update_baselines=True), REPOSITORY, ROOT, ci=False)  # not CI: the committed store
+
+
+def test_the_request_timeout_reaches_every_load_level_and_must_be_positive() -> None:
+    from blip_triton_bench.perf import PerfSettings
+
+    assert PerfSettings.from_options(options(request_timeout_s=7.5)).load.request_timeout_s == 7.5
+    with pytest.raises(OptionError, match=r"^--request-timeout-s 0.0: must be a number of seconds above 0"):
+        check_options(options(request_timeout_s=0.0), REPOSITORY, ROOT, ci=False)

@@ -1,0 +1,127 @@
+"""A server that dies or hangs mid-level, on a real local Triton serving the tiny BLIP: the level ends at once
+with the cause (the exit code, or the request timeout), not with a raw gRPC error after the window budget."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blip_triton_bench.baselines import BaselineStore
+from blip_triton_bench.export import export_model
+from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings
+from blip_triton_bench.model import ModelSpec, load_model
+from blip_triton_bench.options import default_cache_dir
+from blip_triton_bench.perf import PerfRun, PerfSettings, VariantStopped
+from blip_triton_bench.repository import Variant, discover_variants, stage_repository
+from blip_triton_bench.servers.local import LocalProvider, LocalServer
+from blip_triton_bench.workload import build_inputs
+from tests.test_baselines import fingerprint  # noqa: F401  (a fixture)
+
+REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+VARIANT = "base_model_cpu"
+REQUEST_TIMEOUT_S = 2.0
+#: Windows of 5 s, at least 3 of them: a level that waited for its windows would last 15 s or more after a fault.
+SETTINGS = LoadSettings(window_s=5.0, warmup_s=0.5, max_windows=6, min_requests_per_window=1)
+FAULT_AFTER_S = 1.5
+#: What "at once" allows: a liveness check, the workers' cancellation and closing the client.
+MARGIN_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(ModelSpec("tiny"))
+
+
+@pytest.fixture(scope="module")
+def staged_root(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    exported = export_model(tiny, default_cache_dir())  # cached after the first run, as the suite caches it
+    return stage_repository([variant()], lambda _v: exported.artifact_files, tmp_path_factory.mktemp("repo") / "r").root
+
+
+@pytest.fixture
+def server(staged_root: Path, tmp_path: Path) -> Iterator[LocalServer]:
+    """A server of its own per test: each test kills or stops it."""
+    with LocalProvider(tmp_path / "server").start(staged_root) as running:
+        running.load_model(VARIANT)
+        yield running
+
+
+def variant() -> Variant:
+    (found,) = [v for v in discover_variants(REPOSITORY) if v.name == VARIANT]
+    return found
+
+
+def perf_run(server: LocalServer, tiny, store: Path, fingerprint, load: LoadSettings) -> PerfRun:  # noqa: F811
+    return PerfRun(
+        settings=PerfSettings(load=load, concurrency="2", request_rate=None, tolerance_pct=None),
+        store=BaselineStore(store),
+        fingerprint=fingerprint,
+        url=server.endpoints.grpc_url,
+        inputs=build_inputs(tiny.description, batch_size=1, sequence_length=16),
+        ceiling=lambda: None,
+        server=server,
+    )
+
+
+def stopped_by(run: PerfRun, fault: threading.Timer) -> tuple[str, float]:
+    """Run concurrency=2 while `fault` fires; the VariantStopped message and seconds from the fault to the end."""
+    fault.start()
+    try:
+        with pytest.raises(VariantStopped) as stopped:
+            run.run_level(variant(), LoadLevel(CONCURRENCY, 2))
+        ended = time.monotonic()
+    finally:
+        fault.join()
+    return str(stopped.value), ended - fault.fired_at
+
+
+class Fault(threading.Timer):
+    def __init__(self, pid: int, signum: signal.Signals) -> None:
+        super().__init__(FAULT_AFTER_S, self._send, (pid, signum))
+
+    def _send(self, pid: int, signum: signal.Signals) -> None:
+        self.fired_at = time.monotonic()
+        os.kill(pid, signum)
+
+
+def test_a_killed_server_stops_the_variant_at_once_naming_its_exit_code(
+    server: LocalServer,
+    tiny,
+    tmp_path: Path,
+    fingerprint,  # noqa: F811
+) -> None:
+    run = perf_run(server, tiny, tmp_path / "baselines", fingerprint, SETTINGS)
+    message, after_s = stopped_by(run, Fault(server.process.pid, signal.SIGKILL))
+
+    assert message.startswith(f"tritonserver exited with code -9 during {VARIANT} concurrency=2; last log lines:\n")
+    assert "UNAVAILABLE" not in message
+    assert after_s < MARGIN_S, f"the level went on {after_s:.1f} s after the server died"
+    with pytest.raises(VariantStopped, match=f"^{VARIANT} stopped earlier: tritonserver exited with code -9") as later:
+        run.run_level(variant(), LoadLevel(CONCURRENCY, 3))  # the variant's next level is not measured
+    assert not later.value.first
+
+
+def test_a_hung_server_ends_the_level_after_the_request_timeout(
+    server: LocalServer,
+    tiny,
+    tmp_path: Path,
+    fingerprint,  # noqa: F811
+) -> None:
+    load = LoadSettings(**{**SETTINGS.__dict__, "request_timeout_s": REQUEST_TIMEOUT_S})
+    run = perf_run(server, tiny, tmp_path / "baselines", fingerprint, load)
+    try:
+        message, after_s = stopped_by(run, Fault(server.process.pid, signal.SIGSTOP))
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)  # so the fixture can stop it
+
+    assert message.startswith(
+        f"requests timed out: no answer within {REQUEST_TIMEOUT_S:g} s (--request-timeout-s), though the server "
+        f"process is still there (hung or overloaded) during {VARIANT} concurrency=2"
+    )
+    assert after_s < REQUEST_TIMEOUT_S + MARGIN_S, f"the level went on {after_s:.1f} s after the server hung"
