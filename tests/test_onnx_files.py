@@ -105,3 +105,11 @@ def test_the_client_ceiling_model_loads_in_the_installed_onnxruntime(tmp_path: P
 def test_the_client_ceiling_model_takes_the_runtimes_limit(tmp_path: Path, onnxruntime_loads_up_to_ir_10: int) -> None:
     name = stage_ceiling_model(tmp_path, image_size=8, vocab_size=5)
     assert onnx.load(str(tmp_path / name / "1" / "model.onnx")).ir_version == onnxruntime_loads_up_to_ir_10
+
+
+def test_the_ceiling_model_gets_instances_from_the_cores_so_the_server_is_not_what_it_measures() -> None:
+    from blip_triton_bench.ceiling import ceiling_config, ceiling_instances
+
+    assert [ceiling_instances(cores) for cores in (None, 1, 2, 4, 8, 16, 128)] == [1, 1, 1, 2, 4, 4, 4]
+    text = ceiling_config(384, 30524, instances=ceiling_instances(16))
+    assert "count: 4" in text
