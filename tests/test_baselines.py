@@ -170,7 +170,7 @@ def test_wrong_or_missing_schema_version_is_named(tmp_path: Path, fingerprint: F
     data = json.loads(path.read_text())
 
     path.write_text(json.dumps(data | {"schema_version": 99}))
-    with pytest.raises(BaselineError, match="has schema_version 99, but this suite reads schema_version 1"):
+    with pytest.raises(BaselineError, match="has schema_version 99, but this suite reads schema_version 1 or 2"):
         store.load(fingerprint, MODEL_ID, VARIANT)
 
     del data["schema_version"]
@@ -189,7 +189,7 @@ def test_missing_and_mistyped_fields_are_named(tmp_path: Path, fingerprint: Fing
     with pytest.raises(BaselineError, match="missing field\\(s\\) levels"):
         store.load(fingerprint, MODEL_ID, VARIANT)
 
-    path.write_text(json.dumps(data | {"levels": {"startup": {"cold_start_s": "fast"}}}))
+    path.write_text(json.dumps(data | {"schema_version": 1, "levels": {"startup": {"cold_start_s": "fast"}}}))
     with pytest.raises(BaselineError, match="levels\\['startup'\\]\\['cold_start_s'\\] should be a finite number"):
         store.load(fingerprint, MODEL_ID, VARIANT)
 
@@ -279,7 +279,7 @@ def test_overwriting_keeps_the_previous_file_as_bak(tmp_path: Path, fingerprint:
 
     backup = path.with_name("base_model_cpu.json.bak")
     assert backup.read_bytes() == second != first  # the file as it was before the latest save
-    assert json.loads(path.read_bytes())["levels"] == {"startup": {"cold_start_s": 4.0}}
+    assert [run["metrics"] for run in json.loads(path.read_bytes())["levels"]["startup"]] == [{"cold_start_s": 4.0}]
     assert sorted(os.listdir(path.parent)) == ["base_model_cpu.json", "base_model_cpu.json.bak"]
 
 
