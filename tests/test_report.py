@@ -12,7 +12,7 @@ import pytest
 from blip_triton_bench.efficiency import FormedBatch, time_in_process
 from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LevelMeasurement, LoadLevel, ServerStatistics
 from blip_triton_bench.perf import JudgedLevel
-from blip_triton_bench.report.text import markdown_table
+from blip_triton_bench.report.text import markdown_table, verdict_text
 from blip_triton_bench.report.write import write_report
 from blip_triton_bench.resources import ResourceUsage
 from blip_triton_bench.selection import serving_efficiency
@@ -256,3 +256,25 @@ def test_levels_table_has_a_compact_resource_column_and_says_what_was_not_measur
     assert "- Resource use not measured: GPU: NVML not available (no driver)" in report_table
     assert "- Resource use not measured: server CPU/RAM: external" in report_table
     assert "Resource use not measured" in (tmp_path / "report.md").read_text()
+
+
+def test_the_report_verdict_states_the_p_value_and_the_detectable_slowdown() -> None:
+    judged = judged_level(
+        "cpu",
+        LoadLevel(CONCURRENCY, 1),
+        latency_ms=400.0,
+        baseline={"throughput_infer_per_s": 2.5, "throughput_spread_pct": 2.0},
+    )
+    noisy = compare_level(
+        {"throughput_infer_per_s": 10.0},
+        {"throughput_infer_per_s": 8.7},
+        measured_windows=(8.6, 8.8, 8.7),
+        baseline_windows=((10.0, 13.0, 7.0), (12.0, 8.0, 11.0), (6.0, 14.0, 10.0)),
+    )
+    text = verdict_text(dataclasses.replace(judged, verdicts=tuple(noisy)))
+
+    assert text == (
+        f"inconclusive (throughput_infer_per_s -13.0%, p {noisy[0].p_value:.3f}); "
+        f"detects >= {noisy[0].detectable_pct:.1f}%"
+    )
+    assert "detects" not in verdict_text(judged)  # a verdict without windows claims no power

@@ -100,10 +100,13 @@ def verdict_text(judged: JudgedLevel | StartupResult) -> str:
         return "no comparable metric"
     worst = max(judged.verdicts, key=lambda verdict: verdict.worsening_pct)
     statuses = {verdict.status.value for verdict in judged.verdicts}
-    for status in ("regression", "inconclusive", "improved"):
-        if status in statuses:
-            return f"{status} ({worst.metric} {worst.change_pct:+.1f}%)"
-    return f"pass ({worst.metric} {worst.change_pct:+.1f}%)"
+    status = next((name for name in ("regression", "inconclusive", "improved") if name in statuses), "pass")
+    tested = "".join(f", p {v.p_value:.3f}" for v in judged.verdicts if v is worst and not math.isnan(v.p_value))
+    # A pass means little when the run could only have seen a slowdown far beyond the tolerance: say how far.
+    power = "".join(
+        f"; detects >= {v.detectable_pct:.1f}%" for v in judged.verdicts if not math.isnan(v.detectable_pct)
+    )
+    return f"{status} ({worst.metric} {worst.change_pct:+.1f}%{tested}){power}"
 
 
 def csv_row(judged: JudgedLevel) -> dict[str, str]:
