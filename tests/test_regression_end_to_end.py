@@ -72,7 +72,9 @@ def test_recorded_baseline_then_slowed_repository_fails_and_unchanged_passes(tmp
     assert recorded.returncode == 0, recorded.stdout[-4000:] + recorded.stderr[-2000:]
     (baseline_file,) = baselines.rglob("base_model_cpu.json")
     stored = json.loads(baseline_file.read_text())
-    assert stored["levels"]["concurrency=2"]["throughput_infer_per_s"] > 0
+    (run,) = stored["levels"]["concurrency=2"]  # schema 2: one recorded run, with the windows the verdict tests
+    assert run["metrics"]["throughput_infer_per_s"] > 0
+    assert len(run["window_throughputs_infer_per_s"]) >= 3
     assert "concurrency=2 throughput_infer_per_s: " in recorded.stdout and "(new)" in recorded.stdout
     before = baseline_file.read_bytes()
 
