@@ -1,22 +1,20 @@
-"""What a SIGKILLed session leaves behind, found and removed at the next start: containers, /dev/shm regions and
-half-written cache entries whose owning process is gone.
+"""What a SIGKILLed session leaves behind, found and removed at the next start: containers, /dev/shm regions,
+Python backend stubs and half-written cache entries whose owning process is gone.
 
 Deciding is pure (names, labels and the set of live pids in, names out); only `remove_leftovers` touches anything.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
+import signal
 import socket
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 SYSTEM_SHM_DIR = Path("/dev/shm")  # where POSIX shm_open names appear as files on Linux
 
@@ -29,6 +27,7 @@ TEMP_DIR_NAME = re.compile(r"\.tmp-.+-pid(?P<pid>\d+)-[a-z0-9_]+")
 #: Container labels (servers/container.py sets them): who started it, on which host; a pid means nothing elsewhere.
 OWNER_PID_LABEL = "blip-triton-bench.owner-pid"
 OWNER_HOST_LABEL = "blip-triton-bench.owner-host"
+STUB_NAME = "triton_python_backend_stub"
 
 
 @dataclass(frozen=True)
@@ -75,6 +74,20 @@ def stale_containers(containers: Iterable[ContainerInfo], host: str, live_pids: 
     return stale
 
 
+def stale_stub_pids(command_lines: Mapping[int, Sequence[str]], live_pids: Collection[int]) -> list[int]:
+    """Python backend stubs of a killed session (pid -> command line). A stub's third argument is its /dev/shm
+    region, named after the session that started its server; it outlives that server when the server is killed
+    (it is not told), so a stub whose session is gone is stale. Stubs of other servers are left alone."""
+    stale = []
+    for pid, command in command_lines.items():
+        if len(command) < 3 or Path(command[0]).name != STUB_NAME:
+            continue
+        owner = _owner_pid(SHM_NAME, command[2])
+        if owner is not None and owner not in live_pids:
+            stale.append(pid)
+    return sorted(stale)
+
+
 def owner_pids(pattern: re.Pattern[str], names: Iterable[str]) -> set[int]:
     return {pid for name in names if (pid := _owner_pid(pattern, name)) is not None}
 
@@ -96,6 +109,27 @@ def remove_stale_shm(shm_dir: Path) -> list[str]:
             lines.append(f"could not remove stale shared memory {shm_dir / name}: {error}")
             continue
         lines.append(f"removed stale shared memory {shm_dir / name} (its process is gone)")
+    return lines
+
+
+def remove_stale_stubs() -> list[str]:
+    import psutil
+
+    command_lines = {}
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == STUB_NAME and process.info["cmdline"]:
+            command_lines[process.pid] = process.info["cmdline"]
+    owners = owner_pids(SHM_NAME, [command[2] for command in command_lines.values() if len(command) > 2])
+    lines = []
+    for pid in stale_stub_pids(command_lines, live_among(owners)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        except PermissionError as error:
+            lines.append(f"could not stop stale Python backend stub {pid}: {error}")
+            continue
+        lines.append(f"stopped stale Python backend stub {pid} (the session that started its server is gone)")
     return lines
 
 
@@ -159,7 +193,5 @@ def remove_session_leftovers(cache_dir: Path, server_kind: str) -> list[str]:
 def remove_leftovers(shm_dir: Path, cache_dir: Path, docker_client: Any | None, host: str) -> list[str]:
     """Containers first: one sharing the host's IPC namespace holds /dev/shm regions until it is gone."""
     lines = remove_stale_containers(docker_client, host) if docker_client is not None else []
-    lines += remove_stale_shm(shm_dir) + remove_stale_temp_dirs(cache_dir)
-    for line in lines:
-        logger.warning("%s", line)
-    return lines
+    lines += remove_stale_stubs() + remove_stale_shm(shm_dir) + remove_stale_temp_dirs(cache_dir)
+    return lines  # the session prints them in its header

@@ -115,7 +115,7 @@ class BenchSession:
     def finish(self, report_dir: Path, update_baselines: bool) -> FinishOutcome:
         """Record baselines (with --update-baselines, correctness permitting), then write the report, whatever
         happened to the baselines. Neither raises for a write that fails: the outcome and the summary say it."""
-        if self.perf is None or not (self.perf.results or self.perf.startup_results):
+        if self.perf is None or not (self.perf.results or self.perf.startup_results or self.perf.failed_levels):
             return self.outcome
         from blip_triton_bench.perf import record_baselines
 

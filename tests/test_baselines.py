@@ -63,6 +63,31 @@ def test_fingerprint_from_host_and_server(fingerprint: Fingerprint) -> None:
     assert made.slug() == "32cpu-2gpu-container-http"
 
 
+def test_an_external_servers_fingerprint_is_the_servers_own_never_the_client_hosts() -> None:
+    from blip_triton_bench.hardware import GpuInfo, HostInfo
+    from blip_triton_bench.servers.base import ServerDescription
+
+    server = ServerDescription(
+        "external", "2.51.0", "triton.internal:8000", {"label": "h100-staging", "gpu_count": "8"}
+    )
+    laptop = HostInfo("AMD EPYC", 2, (), ("CPUExecutionProvider",), cpu_features=("avx2",))
+    workstation = HostInfo("Xeon", 32, (GpuInfo("NVIDIA H100", "560.35.03", 81559),), ("CPUExecutionProvider",))
+    made = Fingerprint.from_parts(laptop, server, MODEL_ID, 1, "grpc")
+    assert made == Fingerprint.from_parts(workstation, server, MODEL_ID, 1, "grpc")
+    assert (made.cpu_model, made.gpu_count, made.server_image) == (
+        "external server: h100-staging",
+        8,
+        "triton.internal:8000",
+    )
+    assert made.slug() == "external-h100-staging-8gpu-grpc"
+    relabelled = ServerDescription("external", "2.51.0", "triton.internal:8000", {"label": "a100", "gpu_count": "8"})
+    assert Fingerprint.from_parts(laptop, relabelled, MODEL_ID, 1, "grpc").key() != made.key()
+    unknown = ServerDescription(
+        "external", "2.51.0", "triton.internal:8000", {"label": "unlabelled", "gpu_count": "-1"}
+    )
+    assert Fingerprint.from_parts(laptop, unknown, MODEL_ID, 1, "grpc").slug() == "external-unlabelled-unknowngpu-grpc"
+
+
 def test_fingerprint_key_is_short_stable_and_sensitive_to_every_field(fingerprint: Fingerprint) -> None:
     key = fingerprint.key()
     assert len(key) == 12 and int(key, 16) >= 0

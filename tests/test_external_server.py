@@ -19,7 +19,13 @@ from blip_triton_bench.model import ModelSpec, load_model
 from blip_triton_bench.perf import NO_CEILING_ON_EXTERNAL, CeilingProbe, PerfSettings
 from blip_triton_bench.repository import discover_variants, stage_repository
 from blip_triton_bench.servers.base import ServerStartError, ServerUsageError
-from blip_triton_bench.servers.external import ExternalProvider, config_differences, external_endpoints
+from blip_triton_bench.servers.external import (
+    ExternalProvider,
+    config_differences,
+    external_endpoints,
+    gpu_uuids,
+    read_server_gpus,
+)
 from blip_triton_bench.servers.local import LocalProvider, LocalServer, free_port
 from blip_triton_bench.workload import ModelInputs
 
@@ -55,10 +61,39 @@ def test_every_difference_is_named() -> None:
     ]
 
 
+TRITON_METRICS = """# HELP nv_inference_count Number of inferences performed
+# TYPE nv_inference_count counter
+nv_inference_count{model="base_model_cpu",version="1"} 12
+# HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)
+# TYPE nv_gpu_utilization gauge
+nv_gpu_utilization{gpu_uuid="GPU-b1"} 0.5
+nv_gpu_utilization{gpu_uuid="GPU-a0"} 0
+# HELP nv_gpu_memory_used_bytes GPU used memory, in bytes
+# TYPE nv_gpu_memory_used_bytes gauge
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-a0"} 1024
+"""
+
+
+def test_gpus_come_from_the_servers_metrics_labels() -> None:
+    assert gpu_uuids(TRITON_METRICS) == ("GPU-a0", "GPU-b1")
+    assert gpu_uuids(TRITON_METRICS.split("# HELP nv_gpu_utilization")[0]) == ()  # a CPU-only server
+
+
+def test_an_unreachable_metrics_endpoint_is_unknown_not_zero_gpus() -> None:
+    closed = f"http://127.0.0.1:{free_port()}/metrics"
+    gpus = read_server_gpus(closed)
+    assert gpus.count == -1
+    assert gpus.describe(closed).startswith(f"GPUs unknown ({closed}: ConnectionError; pass --triton-metrics-url")
+
+
 def test_urls() -> None:
     endpoints = external_endpoints("triton.internal:9000", None)
     assert (endpoints.host, endpoints.http_port, endpoints.grpc_port) == ("triton.internal", 9000, 8001)
     assert external_endpoints("http://h:8000/", "h:9001").grpc_port == 9001
+    assert external_endpoints("h:8000", None).metrics_url == "http://h:8002/metrics"
+    assert external_endpoints("h:8000", None, "h:9102").metrics_url == "http://h:9102/metrics"
+    with pytest.raises(ServerStartError, match="--triton-metrics-url host other differs from --triton-url host h"):
+        external_endpoints("h:8000", None, "other:8002")
     with pytest.raises(ServerStartError, match="the port must be a number"):
         external_endpoints("h:http", None)
 

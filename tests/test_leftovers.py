@@ -15,6 +15,7 @@ from blip_triton_bench.leftovers import (
     remove_leftovers,
     stale_containers,
     stale_shm_names,
+    stale_stub_pids,
     stale_temp_dirs,
 )
 from blip_triton_bench.servers.local import shm_prefix_setting
@@ -91,3 +92,16 @@ def test_cleanup_removes_a_killed_sessions_shm_and_work_folder_and_keeps_live_on
     finally:
         for path in (stale_region, live_region):
             path.unlink(missing_ok=True)
+
+
+def test_stubs_of_a_killed_session_are_stale_and_other_servers_stubs_are_not() -> None:
+    stub = "/tmp/x/backends/python/triton_python_backend_stub"
+    command_lines = {
+        11: [stub, "/repo/m/1/model.onnx", "blip-bench-100-triton-8000-0d5e", "67108864", "67108864", "7"],
+        12: [stub, "/repo/m/1/model.onnx", "blip-bench-200-triton-8001-1a2b", "67108864", "67108864", "8"],
+        13: [stub, "/repo/m/1/model.py", "triton_python_backend_shm_region_5f1c", "1048576", "1048576", "9"],
+        14: ["/usr/bin/python3", "-c", "blip-bench-100-triton-8000-0d5e"],
+        15: [stub],
+    }
+    assert stale_stub_pids(command_lines, live_pids={200}) == [11]
+    assert stale_stub_pids(command_lines, live_pids={100, 200}) == []

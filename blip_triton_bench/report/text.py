@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from blip_triton_bench.caption_latency import CaptionLatency, speedup
 from blip_triton_bench.load import CONCURRENCY
-from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
+from blip_triton_bench.perf import STARTUP_LEVEL, FailedLevel, JudgedLevel, StartupResult
 from blip_triton_bench.resources import ResourceUsage
 from blip_triton_bench.selection import ServingEfficiency, VariantSummary
 from blip_triton_bench.sweep import SweepFailure, SweepMeasurement, SweepPoint
@@ -240,6 +240,15 @@ def efficiency_table(efficiencies: Sequence[ServingEfficiency]) -> str:
             f"| {item.variant} | {item.best_infer_per_s:.2f} ({item.best_level}) | {formed} | {at_batch} | "
             f"{_cell(item.ratio, '.2f')} | {minimum} | {batch1} | {_cell(item.batch1_cpu_ratio, '.2f')} |"
         )
+    return "\n".join(lines)
+
+
+def failed_levels_table(failed: Sequence[FailedLevel]) -> str:
+    """One row per level without a measurement and its cause's first line (results.json keeps the log lines)."""
+    lines = ["| variant | level | cause |", "| --- | --- | --- |"]
+    for level in failed:
+        cause = level.cause.splitlines()[0].replace("|", "\\|")
+        lines.append(f"| {level.variant} | {level.level_id} | {cause} |")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from blip_triton_bench.report.text import (
     csv_row,
     csv_text,
     efficiency_table,
+    failed_levels_table,
     failure_text,
     markdown_table,
     resource_notes,
@@ -171,7 +172,7 @@ def write_report(
     write_text_atomic(directory / "report.md", "\n\n".join(parts) + "\n")
     names = [p.name for p in plots] + [p.name for section in sections for p in section.plots]
     lines = _summary_lines(table, efficiency, sections)
-    return [*lines, f"report: {directory} (results.json, results.csv, report.md, {', '.join(names)})"]
+    return [*lines, f"report: {directory} ({', '.join(['results.json', 'results.csv', 'report.md', *names])})"]
 
 
 def session_sections(session: BenchSession, directory: Path | None) -> list[ReportSection]:
@@ -213,6 +214,11 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
         )
     if session.sweep_lines:
         sections.append(ReportSection("Batching and instance sweep", "\n".join(session.sweep_lines)))
+    if session.perf is not None and session.perf.failed_levels:
+        failed = session.perf.failed_levels
+        sections.append(
+            ReportSection("Levels not measured", failed_levels_table(failed), data=[f.to_dict() for f in failed])
+        )
     return sections
 
 
