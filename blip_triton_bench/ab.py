@@ -14,13 +14,17 @@ favours neither side. Pure statistics in `judge_ab`; `measure_ab` runs the round
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from scipy import stats as scipy_stats
+from tritonclient.grpc import model_config_pb2
 
 from blip_triton_bench.load import LoadLevel, LoadSettings, measure_level
+from blip_triton_bench.repository import Variant, stage_generated
+from blip_triton_bench.servers.base import RunningServer, ServerStartError
 from blip_triton_bench.verdict import SIGNIFICANCE_P, VerdictStatus
 from blip_triton_bench.workload import ModelInputs
 
@@ -184,3 +188,80 @@ def measure_ab(
             latencies[model].extend(completed)
     p99 = {model: float(np.percentile(values, 99)) if values else math.nan for model, values in latencies.items()}
     return per_round[before_model], per_round[after_model], p99[before_model], p99[after_model]
+
+
+class ABRun:
+    """The session's A/B comparison: each selected variant's namesake from --reference-repository staged beside it
+    as `<name>__before` on the same server (loaded on first use), and each level measured both ways."""
+
+    def __init__(
+        self,
+        server: RunningServer,
+        staged_root: Path,
+        reference: Mapping[str, Variant],
+        files_for: Callable[[Variant], Sequence[Path]],
+        url: str,
+        inputs: ModelInputs,
+        load: LoadSettings,
+        rounds: int,
+        min_effect_pct: float,
+    ) -> None:
+        self.server = server
+        self.staged_root = staged_root
+        self.reference = reference
+        self.files_for = files_for
+        self.url = url
+        self.inputs = inputs
+        self.load = load
+        self.rounds = rounds
+        self.min_effect_pct = min_effect_pct
+        self.results: list[ABLevel] = []
+        self._before: dict[str, str | ServerStartError] = {}
+
+    def before_model(self, variant: Variant) -> str:
+        """The reference's `variant`, staged and loaded under `<name>__before` (once; a failed load fails every
+        level of the variant with the same error)."""
+        if variant.name not in self._before:
+            try:
+                self._before[variant.name] = self._stage_and_load(self.reference[variant.name])
+            except ServerStartError as error:
+                self._before[variant.name] = error
+        before = self._before[variant.name]
+        if isinstance(before, ServerStartError):
+            raise before
+        return before
+
+    def _stage_and_load(self, reference: Variant) -> str:
+        config = model_config_pb2.ModelConfig()
+        config.CopyFrom(reference.config)
+        config.name = f"{reference.name}{BEFORE_SUFFIX}"
+        if reference.own_model_files:
+            files: Sequence[Path] = [p for p in reference.own_model_files if p.is_file()]
+        else:
+            files = self.files_for(reference)
+        stage_generated(self.staged_root, config, files, reference.model_filename)
+        self.server.load_model(config.name)
+        return config.name
+
+    def run_level(self, variant: Variant, level: LoadLevel) -> ABLevel:
+        before = self.before_model(variant)
+        liveness = self.server.liveness
+        before_rounds, after_rounds, before_p99, after_p99 = measure_ab(
+            self.url, before, variant.name, self.inputs, level, self.load, self.rounds, liveness
+        )
+        verdict = judge_ab(before_rounds, after_rounds, self.min_effect_pct)
+        result = ABLevel(variant.name, level, verdict, before_p99, after_p99)
+        self.results.append(result)
+        return result
+
+
+def reference_problem(variant: Variant, reference: Mapping[str, Variant], reference_root: Path) -> str | None:
+    """Why `variant` cannot be compared with the reference repository; None when it can."""
+    found = reference.get(variant.name)
+    if found is None:
+        return f"the reference repository {reference_root} has no variant {variant.name}: nothing to compare with"
+    if found.role != variant.role:
+        return f"{found.config_path} does not serve {variant.role} as {variant.config_path} does"
+    if found.composing_models:
+        return f"{found.config_path} calls other models; A/B compares single-model variants"
+    return None

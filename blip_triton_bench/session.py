@@ -15,6 +15,7 @@ from blip_triton_bench.repository import Variant
 from blip_triton_bench.servers.base import ModelLoad, RunningServer, ServerStartError
 
 if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test needs them
+    from blip_triton_bench.ab import ABRun
     from blip_triton_bench.agreement import Agreement
     from blip_triton_bench.caption_latency import CaptionLatency
     from blip_triton_bench.efficiency import InProcessReference
@@ -64,6 +65,7 @@ class BenchSession:
     #: per variant that sets bench_min_serving_efficiency: that minimum
     min_serving_efficiency: dict[str, float] = field(default_factory=dict)
     perf: PerfRun | None = None
+    ab: ABRun | None = None  # --reference-repository's before-vs-after comparison
     baseline_lines: list[str] = field(default_factory=list)
     report_lines: list[str] = field(default_factory=list)
     #: per variant: its served logits against the FP32 teacher's on real images (test_accuracy)
@@ -115,20 +117,22 @@ class BenchSession:
     def finish(self, report_dir: Path, update_baselines: bool) -> FinishOutcome:
         """Record baselines (with --update-baselines, correctness permitting), then write the report, whatever
         happened to the baselines. Neither raises for a write that fails: the outcome and the summary say it."""
-        if self.perf is None or not (self.perf.results or self.perf.startup_results or self.perf.failed_levels):
+        perf = self.perf
+        measured = perf is not None and bool(perf.results or perf.startup_results or perf.failed_levels)
+        if not measured and not (self.ab is not None and self.ab.results):
             return self.outcome
         from blip_triton_bench.perf import record_baselines
 
         not_written: tuple[str, ...] = ()
-        if update_baselines:
-            recording = record_baselines(self.perf, self.correctness_gate)
+        if update_baselines and perf is not None:
+            recording = record_baselines(perf, self.correctness_gate)
             self.baseline_lines, not_written = list(recording.lines), recording.not_written
         self.outcome = FinishOutcome(
-            baselines_not_written=not_written, report_problem=self._write_report(self.perf, report_dir)
+            baselines_not_written=not_written, report_problem=self._write_report(perf, report_dir)
         )
         return self.outcome
 
-    def _write_report(self, perf: PerfRun, report_dir: Path) -> str | None:
+    def _write_report(self, perf: PerfRun | None, report_dir: Path) -> str | None:
         """Write the report and keep its summary lines; on an OSError keep the tables and return what went wrong."""
         from blip_triton_bench.files import write_fix
         from blip_triton_bench.report.write import report_lines, session_sections, write_report
@@ -137,10 +141,10 @@ class BenchSession:
             report_dir.mkdir(parents=True, exist_ok=True)
             self.report_lines = write_report(
                 report_dir,
-                perf.results,
+                perf.results if perf is not None else [],
                 self.in_process_infer_per_s,
                 self.notes,
-                perf.startup_results,
+                perf.startup_results if perf is not None else [],
                 session_sections(self, report_dir),
                 self.in_process,
                 self.min_serving_efficiency,
@@ -150,9 +154,9 @@ class BenchSession:
                 f"report NOT WRITTEN to {report_dir}: {error}; fix: {write_fix(error, report_dir, REPORT_DIR_FLAG)}"
             )
             tables = report_lines(
-                perf.results,
+                perf.results if perf is not None else [],
                 self.in_process_infer_per_s,
-                perf.startup_results,
+                perf.startup_results if perf is not None else [],
                 session_sections(self, None),
                 self.in_process,
                 self.min_serving_efficiency,

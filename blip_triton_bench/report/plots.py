@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from blip_triton_bench.ab import ABLevel
 from blip_triton_bench.load import CONCURRENCY
 from blip_triton_bench.perf import JudgedLevel
 from blip_triton_bench.selection import VariantSummary
@@ -235,3 +236,36 @@ def plot_frontier(
         axis.legend(fontsize="small")
     figure.tight_layout()
     save_figure(figure, path)
+
+
+def plot_ab(levels: Sequence[ABLevel], directory: Path) -> Path | None:
+    """Before and after per level: every round's infer/s as a point, each before/after pair joined by a line (the
+    test is on those pairs), the medians as bars."""
+    if not levels:
+        return None
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(max(6.0, 2.2 * len(levels)), 4.5))
+    for index, level in enumerate(levels):
+        before, after = level.verdict.before_per_round, level.verdict.after_per_round
+        x_before, x_after = 3 * index, 3 * index + 1
+        for pair_before, pair_after in zip(before, after, strict=True):
+            axis.plot([x_before, x_after], [pair_before, pair_after], color="0.75", linewidth=0.8, zorder=1)
+        axis.scatter([x_before] * len(before), before, color="C0", zorder=2, label="before" if index == 0 else None)
+        axis.scatter([x_after] * len(after), after, color="C1", zorder=2, label="after" if index == 0 else None)
+        for x, values in ((x_before, before), (x_after, after)):
+            middle = sorted(values)[len(values) // 2]
+            axis.hlines(middle, x - 0.3, x + 0.3, color="black", linewidth=2, zorder=3)
+        axis.annotate(
+            f"{level.verdict.effect_pct:+.1f}%\n{level.verdict.status.value}",
+            (x_before + 0.5, max(max(before), max(after))),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    axis.set_xticks([3 * i + 0.5 for i in range(len(levels))])
+    axis.set_xticklabels([f"{level.variant}\n{level.level_id}" for level in levels], fontsize=8)
+    axis.set_ylabel("infer/s per round")
+    axis.set_title("Before vs after (interleaved rounds; lines join pairs)", fontsize=10)
+    axis.legend()
+    figure.tight_layout()
+    return save_figure(figure, directory / "ab_before_vs_after.png")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 
+from blip_triton_bench.ab import ABLevel
 from blip_triton_bench.caption_latency import CaptionLatency, speedup
 from blip_triton_bench.load import CONCURRENCY
 from blip_triton_bench.perf import STARTUP_LEVEL, FailedLevel, JudgedLevel, StartupResult
@@ -239,6 +241,26 @@ def efficiency_table(efficiencies: Sequence[ServingEfficiency]) -> str:
         lines.append(
             f"| {item.variant} | {item.best_infer_per_s:.2f} ({item.best_level}) | {formed} | {at_batch} | "
             f"{_cell(item.ratio, '.2f')} | {minimum} | {batch1} | {_cell(item.batch1_cpu_ratio, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def ab_table(levels: Sequence[ABLevel]) -> str:
+    """One row per level compared: each side's median infer/s over its rounds, the paired change and its 95 %
+    interval, the test's p, what the run could detect, each side's p99, and the verdict."""
+    lines = [
+        "| variant | level | rounds | before infer/s | after infer/s | change (95% CI) | p (one-sided) | detects >= |"
+        " p99 ms before / after | verdict |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |",
+    ]
+    for level in levels:
+        verdict = level.verdict
+        lines.append(
+            f"| {level.variant} | {level.level_id} | {verdict.rounds} | {statistics.median(verdict.before_per_round):.2f}"
+            f" | {statistics.median(verdict.after_per_round):.2f} | {verdict.effect_pct:+.1f}% "
+            f"({verdict.ci_low_pct:+.1f}% to {verdict.ci_high_pct:+.1f}%) | {verdict.p_value:.3g} | "
+            f"{verdict.detectable_pct:.1f}% | {level.before_p99_ms:.1f} / {level.after_p99_ms:.1f} | "
+            f"{verdict.status.value.upper()} |"
         )
     return "\n".join(lines)
 

@@ -16,9 +16,10 @@ from tritonclient.grpc import model_config_pb2
 from blip_triton_bench.efficiency import InProcessReference
 from blip_triton_bench.files import write_text_atomic
 from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
-from blip_triton_bench.report.plots import plot_accuracy_vs_speed, plot_frontier, plot_levels, plot_resources
+from blip_triton_bench.report.plots import plot_ab, plot_accuracy_vs_speed, plot_frontier, plot_levels, plot_resources
 from blip_triton_bench.report.text import (
     CSV_COLUMNS,
+    ab_table,
     budget_text,
     caption_ratio_lines,
     caption_table,
@@ -115,14 +116,14 @@ def _level_tables(results: Sequence[JudgedLevel], efficiencies, startup: Sequenc
     table = markdown_table(results) if results else "(no load level measured)"
     if notes_on_resources := resource_notes(results):
         table += "\n\n" + "\n".join(f"- {note}" for note in notes_on_resources)
-    efficiency = efficiency_table(efficiencies)
+    efficiency = efficiency_table(efficiencies) if efficiencies else ""
     if any(result.level_id == STARTUP_LEVEL for result in startup):
-        efficiency += "\n\n" + startup_table(startup)
+        efficiency = "\n\n".join(part for part in (efficiency, startup_table(startup)) if part)
     return table, efficiency
 
 
 def _summary_lines(table: str, efficiency: str, sections: Sequence[ReportSection]) -> list[str]:
-    lines = [table, "", efficiency, ""]
+    lines = [table, ""] + ([efficiency, ""] if efficiency else [])
     for section in sections:
         lines += [f"{section.title}:", section.markdown, ""]
     return lines
@@ -165,7 +166,7 @@ def write_report(
     plots = plot_levels(results, directory)
     if resources_plot := plot_resources(results, directory):
         plots.append(resources_plot)
-    parts = ["# blip-triton-bench report", table, "## Serving efficiency", efficiency]
+    parts = ["# blip-triton-bench report", table] + (["## Serving efficiency", efficiency] if efficiency else [])
     parts += [f"![]({p.name})" for p in plots]
     for section in sections:
         parts += [f"## {section.title}", section.markdown, *[f"![]({p.name})" for p in section.plots]]
@@ -214,6 +215,17 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
         )
     if session.sweep_lines:
         sections.append(ReportSection("Batching and instance sweep", "\n".join(session.sweep_lines)))
+    if session.ab is not None and session.ab.results:
+        ab_levels = session.ab.results
+        plot = plot_ab(ab_levels, directory) if directory is not None else None
+        sections.append(
+            ReportSection(
+                "Before vs after (A/B, one interleaved run)",
+                ab_table(ab_levels),
+                plots=(plot,) if plot else (),
+                data=[level.to_dict() for level in ab_levels],
+            )
+        )
     if session.perf is not None and session.perf.failed_levels:
         failed = session.perf.failed_levels
         sections.append(

@@ -1,0 +1,108 @@
+"""Before vs after in one run, end to end: the tiny model on a real local Triton, the seed repository as "before"
+and a copy as "after", measured in interleaved rounds by the pytest command a user would type."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+SEED_REPOSITORY = REPOSITORY_ROOT / "model_repository"
+SEED_CONFIG = SEED_REPOSITORY / "base_model_cpu" / "config.pbtxt"
+#: Short rounds keep the test under a minute a run; the slowdown below (~ -40 %) is far beyond their noise.
+QUICK_AB = ("--concurrency", "1", "--window-s", "1", "--warmup-s", "0.5", "--ab-rounds", "6")
+
+
+def run_ab(after: Path, reports: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfs",
+            "--model", "tiny", "--server", "local", "--variant", "base_model_cpu",
+            f"--model-repository={after}", f"--reference-repository={SEED_REPOSITORY}",
+            f"--report-dir={reports}", *QUICK_AB, "suite/test_ab.py", *extra,
+        ],
+        cwd=REPOSITORY_ROOT,
+        env={key: value for key, value in os.environ.items() if key != "CI"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def repository_with(destination: Path, config_text: str) -> Path:
+    (destination / "base_model_cpu").mkdir(parents=True)
+    (destination / "base_model_cpu" / "config.pbtxt").write_text(config_text)
+    return destination
+
+
+def test_a_slowed_repository_fails_against_the_seed_and_an_unchanged_copy_passes(tmp_path: Path) -> None:
+    seed = SEED_CONFIG.read_text()
+    slowed = seed.replace("preferred_batch_size: [ 1, 2, 4, 8 ]", "preferred_batch_size: [ 8 ]").replace(
+        "max_queue_delay_microseconds: 1000", "max_queue_delay_microseconds: 8000"
+    )  # each request now waits 8 ms for a batch of 8 that one client never fills
+    assert slowed != seed
+
+    regressed = run_ab(repository_with(tmp_path / "slow", slowed), tmp_path / "r1")
+    assert regressed.returncode == 1, regressed.stdout[-4000:]
+    assert "FAILED suite/test_ab.py::test_after_vs_before[base_model_cpu-concurrency=1]" in regressed.stdout
+    assert "regressed against the reference repository: after vs before, throughput over 6 interleaved rounds" in (
+        regressed.stdout
+    )
+    (compared,) = json.loads((tmp_path / "r1" / "results.json").read_text())["sections"][
+        "Before vs after (A/B, one interleaved run)"
+    ]["data"]
+    assert compared["status"] == "regression" and compared["effect_pct"] < -15
+    assert compared["ci95_pct"][1] < 0 and compared["p_value"] < 0.05
+    assert len(compared["before_infer_per_s_per_round"]) == len(compared["after_infer_per_s_per_round"]) == 6
+    assert (tmp_path / "r1" / "ab_before_vs_after.png").is_file()
+
+    unchanged = run_ab(repository_with(tmp_path / "same", seed), tmp_path / "r2", "--tolerance-pct", "15")
+    assert unchanged.returncode == 0, unchanged.stdout[-4000:]
+    assert "1 passed" in unchanged.stdout
+    assert "| base_model_cpu | concurrency=1 | 6 |" in unchanged.stdout  # the A/B table in the summary
+
+
+def test_without_a_reference_the_ab_test_says_what_it_needs(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", "--model", "tiny", "--collect-only", "-q",
+         "suite/test_ab.py"],
+        cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "test_after_vs_before[none]" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--reference-repository=/nonexistent/repo",), "--reference-repository /nonexistent/repo: not a folder"),
+        ((f"--reference-repository={SEED_REPOSITORY}", "--ab-rounds", "3"), "--ab-rounds 3: at least 5"),
+    ],
+)
+def test_a_bad_reference_option_is_one_usage_error(extra: tuple[str, ...], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--model", "tiny", *extra, "suite/test_ab.py"],
+        cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr
+
+
+def test_a_variant_the_reference_lacks_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    reference = repository_with(tmp_path / "reference", SEED_CONFIG.read_text().replace("base_model_cpu", "other"))
+    (reference / "base_model_cpu").rename(reference / "other")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", "--model", "tiny", "--server", "local",
+         "--variant", "base_model_cpu", f"--reference-repository={reference}", "--concurrency", "1",
+         "suite/test_ab.py"],
+        cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"the reference repository {reference} has no variant base_model_cpu: nothing to compare with" in (
+        result.stdout
+    )
