@@ -164,35 +164,45 @@ def round_settings(load: LoadSettings) -> LoadSettings:
     return replace(load, max_windows=2, stability_windows=2, stability_pct=100.0)
 
 
+@dataclass(frozen=True)
+class ABSide:
+    """Where one side of the comparison is served: an endpoint (of the protocol the run uses) and a model name."""
+
+    url: str
+    model: str
+
+
 def measure_ab(
-    url: str,
-    before_model: str,
-    after_model: str,
+    before: ABSide,
+    after: ABSide,
     inputs: ModelInputs,
     level: LoadLevel,
     load: LoadSettings,
     rounds: int,
     liveness: Callable[[], str | None] | None = None,
 ) -> tuple[list[float], list[float], float, float]:
-    """Alternate rounds of `before_model` and `after_model` at `level`; per side, infer/s of each round and the
-    p99 over all its requests. Raises load.LevelAborted as a level does when the server goes away."""
-    per_round: dict[str, list[float]] = {before_model: [], after_model: []}
-    latencies: dict[str, list[float]] = {before_model: [], after_model: []}
+    """Alternate rounds of `before` and `after` at `level`; per side, infer/s of each round and the p99 over all
+    its requests. Raises load.LevelAborted as a level does when a server goes away."""
+    per_round: dict[ABSide, list[float]] = {before: [], after: []}
+    latencies: dict[ABSide, list[float]] = {before: [], after: []}
     settings = round_settings(load)
     for index in range(rounds):
-        order = (before_model, after_model) if index % 2 == 0 else (after_model, before_model)
-        for model in order:
-            windows = measure_level(url, model, inputs, level, settings, liveness).windows
+        for side in (before, after) if index % 2 == 0 else (after, before):
+            windows = measure_level(side.url, side.model, inputs, level, settings, liveness).windows
             completed = [latency for window in windows for latency in window.latencies_ms]
-            per_round[model].append(len(completed) / sum(window.duration_s for window in windows))
-            latencies[model].extend(completed)
-    p99 = {model: float(np.percentile(values, 99)) if values else math.nan for model, values in latencies.items()}
-    return per_round[before_model], per_round[after_model], p99[before_model], p99[after_model]
+            per_round[side].append(len(completed) / sum(window.duration_s for window in windows))
+            latencies[side].extend(completed)
+    p99 = {side: float(np.percentile(values, 99)) if values else math.nan for side, values in latencies.items()}
+    return per_round[before], per_round[after], p99[before], p99[after]
 
 
-class ABRun:
-    """The session's A/B comparison: each selected variant's namesake from --reference-repository staged beside it
-    as `<name>__before` on the same server (loaded on first use), and each level measured both ways."""
+def protocol_url(server: RunningServer, protocol: str) -> str:
+    return server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url
+
+
+class ReferenceRepository:
+    """'Before' = another repository's variant of the same name, staged beside it as `<name>__before` on the same
+    server: what a config or model change is judged by."""
 
     def __init__(
         self,
@@ -200,54 +210,91 @@ class ABRun:
         staged_root: Path,
         reference: Mapping[str, Variant],
         files_for: Callable[[Variant], Sequence[Path]],
-        url: str,
+        protocol: str,
+    ) -> None:
+        self.server = server
+        self.staged_root = staged_root
+        self.reference = reference
+        self.files_for = files_for
+        self.protocol = protocol
+
+    def prepare(self, variant: Variant) -> ABSide:
+        reference = self.reference[variant.name]
+        config = model_config_pb2.ModelConfig()
+        config.CopyFrom(reference.config)
+        config.name = f"{reference.name}{BEFORE_SUFFIX}"
+        if reference.own_model_files:
+            files: Sequence[Path] = [path for path in reference.own_model_files if path.is_file()]
+        else:
+            files = self.files_for(reference)
+        stage_generated(self.staged_root, config, files, reference.model_filename)
+        self.server.load_model(config.name)
+        return ABSide(protocol_url(self.server, self.protocol), config.name)
+
+    def liveness(self) -> str | None:
+        return None  # the same server as after's, which the run already watches
+
+
+class ReferenceServer:
+    """'Before' = the same variant on another server (an older Triton image, or a server at
+    --reference-triton-url): what a server upgrade is judged by. A server the suite started gets the variant
+    loaded; an external one must serve it already, configured as the repository says."""
+
+    def __init__(self, server: RunningServer, protocol: str) -> None:
+        self.server = server
+        self.protocol = protocol
+
+    def prepare(self, variant: Variant) -> ABSide:
+        self.server.prepare_variant(variant)
+        return ABSide(protocol_url(self.server, self.protocol), variant.name)
+
+    def liveness(self) -> str | None:
+        cause = self.server.liveness()
+        return None if cause is None else f"the reference server: {cause}"
+
+
+class ABRun:
+    """The session's A/B comparison: each level of each selected variant measured against its 'before' side
+    (a ReferenceRepository or a ReferenceServer), prepared on first use."""
+
+    def __init__(
+        self,
+        server: RunningServer,
+        before: ReferenceRepository | ReferenceServer,
         inputs: ModelInputs,
         load: LoadSettings,
         rounds: int,
         min_effect_pct: float,
     ) -> None:
         self.server = server
-        self.staged_root = staged_root
-        self.reference = reference
-        self.files_for = files_for
-        self.url = url
+        self.before = before
         self.inputs = inputs
         self.load = load
         self.rounds = rounds
         self.min_effect_pct = min_effect_pct
         self.results: list[ABLevel] = []
-        self._before: dict[str, str | ServerStartError] = {}
+        self._prepared: dict[str, ABSide | ServerStartError] = {}
 
-    def before_model(self, variant: Variant) -> str:
-        """The reference's `variant`, staged and loaded under `<name>__before` (once; a failed load fails every
-        level of the variant with the same error)."""
-        if variant.name not in self._before:
+    def before_side(self, variant: Variant) -> ABSide:
+        """Prepared once per variant; a failure fails every level of the variant with the same error."""
+        if variant.name not in self._prepared:
             try:
-                self._before[variant.name] = self._stage_and_load(self.reference[variant.name])
+                self._prepared[variant.name] = self.before.prepare(variant)
             except ServerStartError as error:
-                self._before[variant.name] = error
-        before = self._before[variant.name]
-        if isinstance(before, ServerStartError):
-            raise before
-        return before
+                self._prepared[variant.name] = error
+        prepared = self._prepared[variant.name]
+        if isinstance(prepared, ServerStartError):
+            raise prepared
+        return prepared
 
-    def _stage_and_load(self, reference: Variant) -> str:
-        config = model_config_pb2.ModelConfig()
-        config.CopyFrom(reference.config)
-        config.name = f"{reference.name}{BEFORE_SUFFIX}"
-        if reference.own_model_files:
-            files: Sequence[Path] = [p for p in reference.own_model_files if p.is_file()]
-        else:
-            files = self.files_for(reference)
-        stage_generated(self.staged_root, config, files, reference.model_filename)
-        self.server.load_model(config.name)
-        return config.name
+    def liveness(self) -> str | None:
+        return self.server.liveness() or self.before.liveness()
 
     def run_level(self, variant: Variant, level: LoadLevel) -> ABLevel:
-        before = self.before_model(variant)
-        liveness = self.server.liveness
+        before = self.before_side(variant)
+        after = ABSide(protocol_url(self.server, self.load.protocol), variant.name)
         before_rounds, after_rounds, before_p99, after_p99 = measure_ab(
-            self.url, before, variant.name, self.inputs, level, self.load, self.rounds, liveness
+            before, after, self.inputs, level, self.load, self.rounds, self.liveness
         )
         verdict = judge_ab(before_rounds, after_rounds, self.min_effect_pct)
         result = ABLevel(variant.name, level, verdict, before_p99, after_p99)

@@ -18,7 +18,7 @@ def test_after_vs_before(served_variant: ServedVariant, load_level: LoadLevel, a
     try:
         compared = ab_run.run_level(served_variant.variant, load_level)
     except ServerStartError as error:
-        pytest.fail(f"the reference variant could not be loaded: {error}", pytrace=False)
+        pytest.fail(f"the 'before' side could not be prepared: {error}", pytrace=False)
     except LevelAborted as aborted:
         pytest.fail(f"{aborted} during {served_variant.name} {load_level.level_id} (A/B)", pytrace=False)
     if compared.verdict.failed:

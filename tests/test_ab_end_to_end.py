@@ -106,3 +106,57 @@ def test_a_variant_the_reference_lacks_is_skipped_with_the_reason(tmp_path: Path
     assert f"the reference repository {reference} has no variant base_model_cpu: nothing to compare with" in (
         result.stdout
     )
+
+
+@pytest.fixture
+def reference_server(tmp_path: Path):
+    """A second Triton 'someone runs' (e.g. the version before an upgrade) serving the seed's base_model_cpu."""
+    from blip_triton_bench.export import export_model
+    from blip_triton_bench.model import ModelSpec, load_model
+    from blip_triton_bench.options import default_cache_dir
+    from blip_triton_bench.repository import discover_variants, stage_repository
+    from blip_triton_bench.servers.local import LocalProvider
+
+    exported = export_model(load_model(ModelSpec("tiny")), default_cache_dir())
+    seed = [variant for variant in discover_variants(SEED_REPOSITORY) if variant.name == "base_model_cpu"]
+    staged = stage_repository(seed, lambda _variant: exported.artifact_files, tmp_path / "reference-repo")
+    with LocalProvider(tmp_path / "reference-server").start(staged.root) as server:
+        server.load_model("base_model_cpu")
+        yield server
+
+
+def run_against_server(server, after: Path, reports: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfs",
+            "--model", "tiny", "--server", "local", "--variant", "base_model_cpu", f"--model-repository={after}",
+            "--reference-triton-url", server.endpoints.http_url,
+            "--reference-triton-grpc-url", server.endpoints.grpc_url,
+            f"--report-dir={reports}", *QUICK_AB, "--tolerance-pct", "15", "suite/test_ab.py",
+        ],
+        cwd=REPOSITORY_ROOT,
+        env={key: value for key, value in os.environ.items() if key != "CI"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def test_two_servers_side_by_side_compare_the_same_variant(tmp_path: Path, reference_server) -> None:
+    same = run_against_server(
+        reference_server, repository_with(tmp_path / "same", SEED_CONFIG.read_text()), tmp_path / "r"
+    )
+    assert same.returncode == 0, same.stdout[-4000:]
+    assert "1 passed" in same.stdout
+    assert f"A/B reference server: Triton 2.51.0 at {reference_server.endpoints.http_url}" in same.stdout
+    (compared,) = json.loads((tmp_path / "r" / "results.json").read_text())["sections"][
+        "Before vs after (A/B, one interleaved run)"
+    ]["data"]
+    assert compared["status"] in ("pass", "improved", "inconclusive")  # the same config and binary on both
+    assert len(compared["before_infer_per_s_per_round"]) == 6
+
+    drifted = SEED_CONFIG.read_text().replace("max_queue_delay_microseconds: 1000", "max_queue_delay_microseconds: 7")
+    other = run_against_server(reference_server, repository_with(tmp_path / "drifted", drifted), tmp_path / "r2")
+    assert other.returncode == 1, other.stdout[-4000:]
+    assert "dynamic_batching.max_queue_delay_microseconds: repository 7, server 1000" in other.stdout
+    assert reference_server.is_model_ready("base_model_cpu")  # the suite unloaded nothing there

@@ -75,3 +75,38 @@ def test_the_request_timeout_reaches_every_load_level_and_must_be_positive() -> 
     assert PerfSettings.from_options(options(request_timeout_s=7.5)).load.request_timeout_s == 7.5
     with pytest.raises(OptionError, match=r"^--request-timeout-s 0.0: must be a number of seconds above 0"):
         check_options(options(request_timeout_s=0.0), REPOSITORY, ROOT, ci=False)
+
+
+def test_external_server_descriptions_need_an_external_server() -> None:
+    with pytest.raises(OptionError, match=r"^--fingerprint-label and --triton-metrics-url describe an external server"):
+        check_options(options(fingerprint_label="h100-staging"), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match="describe an external server"):
+        check_options(options(server="container", triton_metrics_url="h:8002"), REPOSITORY, ROOT, ci=False)
+    check_options(
+        options(server="external", triton_url="h:8000", fingerprint_label="h100-staging"), REPOSITORY, ROOT, ci=False
+    )
+    check_options(options(server="auto", triton_url="h:8000", triton_metrics_url="h:9102"), REPOSITORY, ROOT, ci=False)
+
+
+def test_one_before_side_per_ab_run_each_where_it_can_run(tmp_path: Path) -> None:
+    repository = ROOT / "model_repository"
+    with pytest.raises(OptionError, match="give one"):
+        check_options(
+            options(reference_repository=repository, reference_triton_url="h:8000"), REPOSITORY, ROOT, ci=False
+        )
+    with pytest.raises(OptionError, match=r"^--reference-repository .*missing: not a folder"):
+        check_options(options(reference_repository=tmp_path / "missing"), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match=r"^--ab-rounds 4: at least 5"):
+        check_options(options(reference_triton_url="h:8000", ab_rounds=4), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match=r"^--reference-triton-grpc-url goes with --reference-triton-url"):
+        check_options(options(reference_triton_grpc_url="h:8001"), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match="use it with --server container, not --server local"):
+        check_options(options(reference_triton_image="old:24.09"), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match="the suite loads nothing on an external server"):
+        check_options(
+            options(server="external", triton_url="h:8000", reference_repository=repository), REPOSITORY, ROOT, ci=False
+        )
+    check_options(options(reference_repository=repository, ab_rounds=5), REPOSITORY, ROOT, ci=False)
+    check_options(options(server="container", reference_triton_image="old:24.09"), REPOSITORY, ROOT, ci=False)
+    assert options(reference_triton_url="h:8000").ab_reference == "--reference-triton-url h:8000"
+    assert options().ab_reference is None
