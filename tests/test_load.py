@@ -119,6 +119,16 @@ def test_statistics_delta_is_the_measured_interval_only() -> None:
     assert delta.executions_by_batch_size == {1: 4, 2: 4, 4: 2}
 
 
+def test_a_model_that_has_served_nothing_yet_counts_zero() -> None:
+    """Triton's JSON leaves zero counts out: a first snapshot before any request completes has no `count`
+    (BLIP-base at ~1 s a request after a 0.5 s warm-up)."""
+    before = {"model_stats": [{"name": "m", "version": "1", "inference_stats": {"success": {}, "queue": {}}}]}
+    after = _stats(success=3, executions=3, queue_ns=3_000_000, infer_ns=3_000_000_000, batches={1: 3})
+    delta = statistics_delta(before, after)
+    assert (delta.success_count, delta.inference_count, delta.executions_by_batch_size) == (3, 3, {1: 3})
+    assert delta.compute_infer_ms == pytest.approx(1000.0)
+
+
 def test_level_ids_name_the_mode() -> None:
     assert LoadLevel(CONCURRENCY, 2).level_id == "concurrency=2"
     assert LoadLevel(REQUEST_RATE, 2.0).level_id == "request_rate=2"
