@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 from tritonclient.grpc import model_config_pb2
 
-from blip_triton_bench.load import LoadLevel, LoadSettings, measure_level
+from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings, measure_level
 from blip_triton_bench.repository import Variant, stage_generated
 from blip_triton_bench.servers.base import RunningServer, ServerStartError
 from blip_triton_bench.verdict import SIGNIFICANCE_P, VerdictStatus
@@ -164,6 +164,18 @@ def round_settings(load: LoadSettings) -> LoadSettings:
     return replace(load, max_windows=2, stability_windows=2, stability_pct=100.0)
 
 
+def round_throughput(level: LoadLevel, latencies_ms: Sequence[float], duration_s: float) -> float:
+    """A round's infer/s. Closed loop: Little's law, concurrency / mean latency, which is what completions per
+    second converge to with no think time, but continuous: a round of BLIP-base at c=1 holds ~7 requests, and
+    completions / duration could only read 6/6 or 7/6 of a request per second. Open loop: completions per second
+    (the offered rate bounds it; a slowdown shows as the rate no longer achieved)."""
+    if not latencies_ms:
+        return 0.0
+    if level.mode == CONCURRENCY:
+        return level.value / (float(np.mean(latencies_ms)) / 1000.0)
+    return len(latencies_ms) / duration_s
+
+
 @dataclass(frozen=True)
 class ABSide:
     """Where one side of the comparison is served: an endpoint (of the protocol the run uses) and a model name."""
@@ -190,7 +202,7 @@ def measure_ab(
         for side in (before, after) if index % 2 == 0 else (after, before):
             windows = measure_level(side.url, side.model, inputs, level, settings, liveness).windows
             completed = [latency for window in windows for latency in window.latencies_ms]
-            per_round[side].append(len(completed) / sum(window.duration_s for window in windows))
+            per_round[side].append(round_throughput(level, completed, sum(window.duration_s for window in windows)))
             latencies[side].extend(completed)
     p99 = {side: float(np.percentile(values, 99)) if values else math.nan for side, values in latencies.items()}
     return per_round[before], per_round[after], p99[before], p99[after]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blip_triton_bench.ab import DEFAULT_AB_MIN_EFFECT_PCT, judge_ab
+from blip_triton_bench.ab import DEFAULT_AB_MIN_EFFECT_PCT, judge_ab, round_throughput
+from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel
 from blip_triton_bench.verdict import VerdictStatus
 
 #: The host's speed in each of 10 rounds: two states, as issue 15 measured them, in no order.
@@ -63,3 +64,17 @@ def test_unpaired_or_empty_rounds_are_refused() -> None:
         judge_ab([1.0, 2.0], [1.0], 5.0)
     with pytest.raises(ValueError, match="completed requests"):
         judge_ab([1.0, 0.0], [1.0, 1.0], 5.0)
+
+
+def test_a_closed_loop_rounds_throughput_is_continuous_where_completions_are_few() -> None:
+    """Seven BLIP-base requests of ~860 ms at c=1 in a 6.4 s round: Little's law gives 1.16 infer/s, and 10 %
+    slower requests give 10 % less; counting completions would read 7 / 6.4 both times."""
+    fast = [860.0] * 7
+    slow = [946.0] * 7
+    assert round_throughput(LoadLevel(CONCURRENCY, 1), fast, 6.4) == pytest.approx(1000 / 860)
+    assert round_throughput(LoadLevel(CONCURRENCY, 1), slow, 6.4) / round_throughput(
+        LoadLevel(CONCURRENCY, 1), fast, 6.4
+    ) == pytest.approx(860 / 946)
+    assert round_throughput(LoadLevel(CONCURRENCY, 4), [100.0] * 40, 1.0) == pytest.approx(40.0)
+    assert round_throughput(LoadLevel(REQUEST_RATE, 5), [20.0] * 10, 2.0) == pytest.approx(5.0)
+    assert round_throughput(LoadLevel(CONCURRENCY, 1), [], 2.0) == 0.0
