@@ -18,12 +18,14 @@ SEED_CONFIG = SEED_REPOSITORY / "base_model_cpu" / "config.pbtxt"
 QUICK_AB = ("--concurrency", "1", "--window-s", "1", "--warmup-s", "0.5", "--ab-rounds", "6")
 
 
-def run_ab(after: Path, reports: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def run_ab(after: Path, reports: Path, *extra: str, reference: tuple[str, ...] | None = None):
+    """The A/B test against the seed repository (or the `reference` options given), as a user types it."""
+    before = (f"--reference-repository={SEED_REPOSITORY}",) if reference is None else reference
     return subprocess.run(
         [
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfs",
             "--model", "tiny", "--server", "local", "--variant", "base_model_cpu",
-            f"--model-repository={after}", f"--reference-repository={SEED_REPOSITORY}",
+            f"--model-repository={after}", *before,
             f"--report-dir={reports}", *QUICK_AB, "suite/test_ab.py", *extra,
         ],
         cwd=REPOSITORY_ROOT,
@@ -126,20 +128,13 @@ def reference_server(tmp_path: Path):
 
 
 def run_against_server(server, after: Path, reports: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfs",
-            "--model", "tiny", "--server", "local", "--variant", "base_model_cpu", f"--model-repository={after}",
-            "--reference-triton-url", server.endpoints.http_url,
-            "--reference-triton-grpc-url", server.endpoints.grpc_url,
-            f"--report-dir={reports}", *QUICK_AB, "--tolerance-pct", "15", "suite/test_ab.py",
-        ],
-        cwd=REPOSITORY_ROOT,
-        env={key: value for key, value in os.environ.items() if key != "CI"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
+    reference = (
+        "--reference-triton-url",
+        server.endpoints.http_url,
+        "--reference-triton-grpc-url",
+        server.endpoints.grpc_url,
+    )
+    return run_ab(after, reports, "--tolerance-pct", "15", reference=reference)
 
 
 def test_two_servers_side_by_side_compare_the_same_variant(tmp_path: Path, reference_server) -> None:
