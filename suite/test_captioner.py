@@ -3,6 +3,11 @@ generates exactly what HF generate() and the seed-style monolithic loop generate
 
 from __future__ import annotations
 
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from blip_triton_bench.caption import CaptionerClient, greedy_caption
@@ -11,11 +16,13 @@ from blip_triton_bench.client import InferenceError
 from blip_triton_bench.model import LoadedModel, generate_caption
 from blip_triton_bench.reference import ReferenceSessions
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.workload import load_image, preprocess
+from blip_triton_bench.workload import SAMPLE_IMAGES, load_image, preprocess
 
 pytestmark = pytest.mark.correctness
 
 MAX_NEW_TOKENS = 12
+#: In-flight batching's slot count when a captioner's config does not set `max_active_captions`.
+DEFAULT_MAX_ACTIVE_CAPTIONS = 8
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +118,80 @@ def test_caption_command_streams_from_the_captioner(
     )
     assert exit_code == 0
     assert f"token ids: {expected}" in capsys.readouterr().out
+
+
+def max_active_captions(served_captioner: ServedVariant) -> int:
+    parameter = served_captioner.variant.config.parameters.get("max_active_captions")
+    return int(parameter.string_value) if parameter is not None else DEFAULT_MAX_ACTIVE_CAPTIONS
+
+
+def test_concurrent_captions_of_different_images_each_equal_their_own_generate(
+    served_captioner: ServedVariant, loaded_model: LoadedModel, bench_session
+) -> None:
+    """More captions than the captioner has slots, of different images and lengths: the first half is a few tokens
+    in when the second half is asked for, so captions join the shared decoder step at different positions (their
+    caches padded), leave it at different steps, and some wait for a slot; each still gets exactly its own image's
+    generate() tokens."""
+    count = max_active_captions(served_captioner) + 2
+    bos = loaded_model.description.special_tokens.bos_token_id
+    jobs = [(SAMPLE_IMAGES[index % len(SAMPLE_IMAGES)], MAX_NEW_TOKENS - index % 7) for index in range(count)]
+    images = {name: preprocess([load_image(name)], loaded_model.description) for name, _ in jobs}
+    first_half_started = threading.Event()
+    first_half = threading.Barrier(count // 2, action=first_half_started.set)
+
+    def caption(index: int) -> list[int]:
+        name, length = jobs[index]
+        with CaptionerClient(served_captioner.server.endpoints.grpc_url) as client:
+            if index >= count // 2:
+                assert first_half_started.wait(timeout=120), "the first half's captions never got their first tokens"
+            started = client.send(served_captioner.name, images[name], length)
+            head = client.receive(served_captioner.name, bos, started, stop_after=2)
+            if index < count // 2:
+                first_half.wait(timeout=120)
+            rest = client.receive(served_captioner.name, bos, started)
+            return [*head.token_ids, *rest.generated_ids]
+
+    with ThreadPoolExecutor(count) as pool:
+        served = list(pool.map(caption, range(count)))
+    expected = [generate_caption(loaded_model, images[name], length) for name, length in jobs]
+    mismatched = [
+        f"{name} ({length} tokens)" for (name, length), s, e in zip(jobs, served, expected, strict=True) if s != e
+    ]
+    assert not mismatched, f"concurrent captions differ from their own generate(): {', '.join(mismatched)}"
+    assert len({tuple(ids) for ids in served}) > 1, "the images must caption differently for the check to mean much"
+    bench_session.correctness.append(
+        f"{served_captioner.name}: {count} concurrent captions of {len(images)} images, joining mid-caption, each "
+        "equal to its own generate()"
+    )
+
+
+def test_a_cancelled_caption_frees_its_slot_and_disturbs_no_other(
+    served_captioner: ServedVariant, loaded_model: LoadedModel
+) -> None:
+    """A client that disconnects mid-caption: its caption stops at the next step and leaves the batch, while a
+    caption decoding beside it finishes with its own generate() tokens."""
+    description = loaded_model.description
+    longest = int(description.config.text_config.max_position_embeddings) - 1
+    bos = description.special_tokens.bos_token_id
+    url = served_captioner.server.endpoints.grpc_url
+    astronaut = preprocess([load_image("astronaut")], description)
+    with CaptionerClient(url) as leaving, CaptionerClient(url) as staying:
+        started = leaving.send(served_captioner.name, preprocess([load_image("coffee")], description), longest, True)
+        first_tokens = leaving.receive(served_captioner.name, bos, started, stop_after=3)
+        other = staying.send(served_captioner.name, astronaut, MAX_NEW_TOKENS)
+        leaving.cancel()
+        finished = staying.receive(served_captioner.name, bos, other)
+    assert len(first_tokens.generated_ids) == 3
+    assert list(finished.token_ids) == generate_caption(loaded_model, astronaut, MAX_NEW_TOKENS)
+
+    log = served_captioner.server.log_text()
+    if not log:
+        pytest.skip(f"the {served_captioner.server.provider_name} provider does not show the server log")
+    deadline = time.monotonic() + 10.0
+    while not (stopped := re.search(r"caption cancelled after (\d+) tokens", log)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        log = served_captioner.server.log_text()
+    assert stopped, (
+        f"the captioner never logged the cancellation; its log ends with:\n{served_captioner.server.log_tail()}"
+    )
+    assert int(stopped.group(1)) < longest, "the cancelled caption ran to its end instead of leaving its slot"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,7 @@ from blip_triton_bench.split_export import (
     export_split_model,
     greedy_caption_cached,
     onnxruntime_runners,
+    step_feeds,
 )
 from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
 
@@ -178,12 +182,15 @@ def test_graphs_have_the_served_names_and_dynamic_axes(tiny: LoadedModel, split:
         (VISION_OUTPUTS[0], "tensor(float)", cross_shape),
         (VISION_OUTPUTS[1], "tensor(float)", cross_shape),
     ]
+    assert [i.name for i in decoder.get_inputs()] == list(DECODER_INPUTS)
     assert [(i.name, i.type, i.shape) for i in decoder.get_inputs()] == [
-        (DECODER_INPUTS[0], "tensor(int64)", ["batch", "new_tokens"]),
-        (DECODER_INPUTS[1], "tensor(float)", cross_shape),
-        (DECODER_INPUTS[2], "tensor(float)", cross_shape),
-        (DECODER_INPUTS[3], "tensor(float)", ["batch", layers, heads, "past_len", head_dim]),
-        (DECODER_INPUTS[4], "tensor(float)", ["batch", layers, heads, "past_len", head_dim]),
+        ("input_ids", "tensor(int64)", ["batch", "new_tokens"]),
+        ("position_ids", "tensor(int64)", ["batch", "new_tokens"]),
+        ("attention_mask", "tensor(int64)", ["batch", "present_len"]),
+        ("cross_keys", "tensor(float)", cross_shape),
+        ("cross_values", "tensor(float)", cross_shape),
+        ("past_keys", "tensor(float)", ["batch", layers, heads, "past_len", head_dim]),
+        ("past_values", "tensor(float)", ["batch", layers, heads, "past_len", head_dim]),
     ]
     assert [(o.name, o.shape) for o in decoder.get_outputs()] == [
         (DECODER_OUTPUTS[0], ["batch", "new_tokens", vocab]),
@@ -203,14 +210,7 @@ def test_first_step_takes_an_empty_past_and_the_cache_grows_one_token_per_step(
     token = tiny.description.special_tokens.bos_token_id
     shapes = []
     for _ in range(4):
-        outputs = run_decoder(
-            {
-                "input_ids": np.asarray([[token]], dtype=np.int64),
-                **cross,
-                "past_keys": past_keys,
-                "past_values": past_values,
-            }
-        )
+        outputs = run_decoder(step_feeds(np.asarray([[token]], dtype=np.int64), cross, past_keys, past_values))
         shapes.append((outputs["logits"].shape, outputs["present_keys"].shape, outputs["present_values"].shape))
         # Each present holds the previous past unchanged, followed by the new token's keys/values.
         np.testing.assert_array_equal(outputs["present_keys"][:, :, :, : past_keys.shape[3]], past_keys)
@@ -237,27 +237,53 @@ def test_several_new_tokens_after_a_cached_prefix_equal_one_full_pass(
     input_ids = token_ids(tiny.description, batch_size=2, sequence_length=5)
     past_keys, past_values = empty_past(split, batch_size=2)
 
-    prefill = run_decoder(
-        {
-            "input_ids": input_ids[:, :2],
-            **cross,
-            "past_keys": past_keys,
-            "past_values": past_values,
-        }
-    )
-    rest = run_decoder(
-        {
-            "input_ids": input_ids[:, 2:],
-            **cross,
-            "past_keys": prefill["present_keys"],
-            "past_values": prefill["present_values"],
-        }
-    )
+    prefill = run_decoder(step_feeds(input_ids[:, :2], cross, past_keys, past_values))
+    rest = run_decoder(step_feeds(input_ids[:, 2:], cross, prefill["present_keys"], prefill["present_values"]))
 
     expected = monolithic_logits(monolithic, ModelInputs(pixel_values, input_ids, np.ones_like(input_ids)))
     assert rest["present_keys"].shape[3] == 5
     actual = np.concatenate([prefill["logits"], rest["logits"]], axis=1)
     assert_close("logits", actual, expected, SPLIT_VS_MONOLITHIC)
+
+
+def test_captions_of_different_lengths_share_a_step_through_padding_and_positions(
+    tiny: LoadedModel, split: SplitModel, runners: tuple[RunVision, RunDecoder]
+) -> None:
+    """In-flight batching's step: a caption 3 tokens in and one just started, decoded together with the newer one's
+    cache padded at the front, give each the logits it gets alone. Without the padding mask or the per-row
+    positions the newer row reads the other's padding slots or the wrong position embeddings."""
+    run_vision, run_decoder = runners
+    tokens = tiny.description.special_tokens
+    older_image, newer_image = image(tiny, "astronaut"), image(tiny, "coffee")
+    older = greedy_caption_cached(run_vision, run_decoder, older_image, tokens, split.head_shape, 4, ignore_eos=True)
+    older_cross, newer_cross = run_vision(older_image), run_vision(newer_image)
+
+    # The older caption's cache after its first 3 tokens (bos and 2 generated), alone.
+    past_keys, past_values = empty_past(split, batch_size=1)
+    for token in older.token_ids[:3]:
+        step = run_decoder(step_feeds(np.asarray([[token]], dtype=np.int64), older_cross, past_keys, past_values))
+        past_keys, past_values = step["present_keys"], step["present_values"]
+    older_alone = run_decoder(
+        step_feeds(np.asarray([[older.token_ids[3]]], dtype=np.int64), older_cross, past_keys, past_values)
+    )
+    newer_alone = run_decoder(
+        step_feeds(np.asarray([[tokens.bos_token_id]], dtype=np.int64), newer_cross, *empty_past(split, 1))
+    )
+
+    padded = np.zeros_like(past_keys)
+    together = run_decoder(
+        {
+            "input_ids": np.asarray([[older.token_ids[3]], [tokens.bos_token_id]], dtype=np.int64),
+            "position_ids": np.asarray([[3], [0]], dtype=np.int64),
+            "attention_mask": np.asarray([[1, 1, 1, 1], [0, 0, 0, 1]], dtype=np.int64),
+            **{name: np.concatenate([older_cross[name], newer_cross[name]]) for name in VISION_OUTPUTS},
+            "past_keys": np.concatenate([past_keys, padded + 7.0]),  # padding a wrong mask would let through
+            "past_values": np.concatenate([past_values, padded - 3.0]),
+        }
+    )
+    assert_close("older row", together["logits"][0], older_alone["logits"][0], SPLIT_VS_MONOLITHIC)
+    assert_close("newer row", together["logits"][1], newer_alone["logits"][0], SPLIT_VS_MONOLITHIC)
+    assert int(np.argmax(together["logits"][0, -1])) == older.token_ids[4]
 
 
 def test_ignore_eos_decodes_past_the_end_token(
@@ -384,3 +410,60 @@ def test_the_kv_cache_goes_in_under_the_name_this_transformers_takes() -> None:
     assert cache_keyword(Older()) == "past_key_values"
     with pytest.raises(TypeError, match="neither `cache` nor `past_key_values`"):
         cache_keyword(Neither())
+
+
+CAPTIONER_MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "blip_caption" / "1" / "model.py"
+
+
+@pytest.fixture
+def captioner_model(monkeypatch: pytest.MonkeyPatch):
+    """The captioner's model.py as a module. Its decoder and batch code never touch Triton; only the import of
+    triton_python_backend_utils (which exists inside Triton's stub alone) needs a stand-in."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("blip_caption_model", CAPTIONER_MODEL)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_captioners_in_flight_batch_gives_each_caption_its_own_tokens(
+    tiny: LoadedModel, split: SplitModel, runners: tuple[RunVision, RunDecoder], captioner_model
+) -> None:
+    """The served captioner's decoder and batch bookkeeping, step by step: captions join at steps 0, 3 and 5 and
+    leave when done, so rows are padded, masked and cut; each row's tokens equal its caption decoded alone. On this
+    tiny model (weights that make attention matter) a padding slot let through or a wrong position changes tokens."""
+    run_vision, run_decoder = runners
+    tokens = tiny.description.special_tokens
+    decoder = captioner_model.InProcessDecoder(str(split.decoder.onnx_path), split.head_shape, "cpu", 0, 0)
+
+    def caption(name: str, length: int):
+        pixel_values = image(tiny, name)
+        planned = captioner_model.Caption(None, None, pixel_values, length, True, tokens.bos_token_id)
+        planned.cross_keys, planned.cross_values = (run_vision(pixel_values)[n] for n in VISION_OUTPUTS)
+        return planned
+
+    joins = {0: [caption("astronaut", 9)], 3: [caption("coffee", 4), caption("chelsea", 8)], 5: [caption("rocket", 6)]}
+    active, batch, cache_lengths = [], None, []
+    for step in range(30):
+        staying = [c for c in active if len(c.generated) < c.max_new_tokens]
+        joining = joins.get(step, [])
+        if len(staying) < len(active) or joining:
+            active = staying + joining
+            if not active:
+                break
+            batch = decoder.regroup(batch, staying, joining)
+            cache_lengths.append((batch.attention_mask.shape[1], max(len(c.generated) for c in active)))
+        for planned, token in zip(active, decoder.step(batch).tolist(), strict=True):
+            planned.emit(int(token))
+            planned.next_token = int(token)
+
+    everyone = [planned for group in joins.values() for planned in group]
+    for planned in everyone:
+        alone = greedy_caption_cached(
+            run_vision, run_decoder, planned.pixel_values, tokens, split.head_shape, planned.max_new_tokens, True
+        )
+        assert tuple(planned.generated) == alone.generated_ids
+    # the cache is cut to the longest row still decoding whenever the batch changes
+    assert all(length == longest for length, longest in cache_lengths)
+    assert len(cache_lengths) == 5  # 3 joins; coffee leaves at step 7, astronaut at 9, rocket at 11, chelsea at 11

@@ -1,20 +1,41 @@
-"""BLIP captioning as a Triton Python BLS model: greedy decoding server-side with a KV cache.
+"""BLIP captioning as a Triton Python model: greedy decoding server-side, the KV cache kept where the decoder runs,
+and every active caption decoded in one shared step (in-flight batching).
 
-One request = one image. The vision encoder runs once (with the cross-attention keys/values of its patches);
-the text decoder then runs one step per token, fed only the newest token and the previous step's keys/values. In decoupled mode each token is streamed as
-its own response (then a final empty one), so clients measure time to first token and inter-token latency.
+One request = one image. Its vision pass (the encoder plus every decoder layer's cross-attention keys/values) runs
+once, through BLS on `vision_encoder_model`, whose dynamic batcher batches concurrent captions' passes. The text
+decoder runs here, in this process: an ONNX Runtime session over `text_decoder_model`'s ONNX file, with I/O
+binding, so each step's present keys/values are the next step's past keys/values as they lie (OrtValues, on the GPU
+for a KIND_GPU instance), and the image's keys/values are bound once per change of the batch. Nothing crosses
+Triton's shared memory per token.
+
+One scheduler thread owns the decoder. At every step boundary, captions whose vision pass is done join (up to
+`max_active_captions`), captions that finished, failed or were cancelled leave; each row's cache is padded to the
+longest one and masked, with its own position ids. In decoupled mode each token is streamed as its own response
+(then a final empty one), so clients measure time to first token and inter-token latency.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnxruntime
 import triton_python_backend_utils as pb_utils
 
 GENERATION_CONFIG_FILENAME = "generation_config.json"
+DECODER_FILENAME = "model.onnx"
+DEFAULT_MAX_ACTIVE_CAPTIONS = 8
+#: How long the idle scheduler waits for a caption before it looks at the stop flag again.
+IDLE_POLL_S = 0.05
+VISION_OUTPUTS = ("cross_keys", "cross_values")
+PAST_SEQUENCE_AXIS = 3
 
 #: The nvidia-pytriton 0.7.0 Python backend stub is built against numpy 1's C API. Under numpy 2 it reads
 #: arrays wrongly: `pb_utils.Tensor(name, array)` sends zero bytes (shape intact) and `as_numpy()` returns
@@ -51,10 +72,21 @@ class CaptionError(Exception):
     """A request or a composing model failed; the message goes back to the client."""
 
 
-def _parameter(config: dict[str, Any], key: str) -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
+def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", "") or default
     if not value:
         raise CaptionError(f"config.pbtxt of '{config['name']}' has no parameters '{key}' naming the model to call")
+    return value
+
+
+def _positive_int_parameter(config: dict[str, Any], key: str, default: int) -> int:
+    text = _parameter(config, key, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise CaptionError(f"config.pbtxt of '{config['name']}': parameters '{key}' is {text!r}; use an integer >= 1")
     return value
 
 
@@ -63,11 +95,173 @@ def _optional_scalar(request: Any, name: str, default: Any) -> Any:
     return default if tensor is None else from_triton(tensor).reshape(-1)[0].item()
 
 
+def decoder_path(own_folder: str, decoder_model: str) -> str:
+    """The decoder's ONNX file in the same repository: `<repository>/<decoder_model>/<highest version>/model.onnx`."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(own_folder)), decoder_model)
+    versions = (
+        sorted((int(name) for name in os.listdir(folder) if name.isdigit()), reverse=True)
+        if os.path.isdir(folder)
+        else []
+    )
+    for version in versions:
+        path = os.path.join(folder, str(version), DECODER_FILENAME)
+        if os.path.isfile(path):
+            return path
+    raise CaptionError(
+        f"no {DECODER_FILENAME} under {folder}/<version>/: the captioner runs the text decoder named by its "
+        f"parameters 'text_decoder_model' ({decoder_model}) in process, from that model's file"
+    )
+
+
+@dataclass(eq=False)
+class Caption:
+    """One request's caption while it is being decoded."""
+
+    request: Any
+    sender: Any  # the decoupled response sender; None when the model answers once per request
+    pixel_values: np.ndarray
+    max_new_tokens: int
+    ignore_eos: bool
+    next_token: int
+    cross_keys: np.ndarray | None = None  # [1, layers, heads, patches, head_dim], once its vision pass is done
+    cross_values: np.ndarray | None = None
+    generated: list[int] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def position(self) -> int:
+        """The position id of the token this caption feeds next (the start token is position 0)."""
+        return len(self.generated)
+
+    def cancelled(self) -> bool:
+        probe = self.sender if self.sender is not None else self.request
+        return bool(getattr(probe, "is_cancelled", lambda: False)())
+
+    def emit(self, token: int) -> None:
+        """Add a generated token and stream it (decoupled); raises when the client is gone."""
+        self.generated.append(token)
+        if self.sender is not None:
+            tensor = to_triton("token_ids", np.asarray([token], dtype=np.int64))
+            self.sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]))
+
+    def finish(self, error: str | None = None, code: Any = None) -> None:
+        """The caption's last response: its tokens (non-decoupled), the final flag, or its error."""
+        self.finished, self.error = True, error
+        if self.sender is not None:
+            try:
+                if error is None:
+                    self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                else:
+                    failure = pb_utils.TritonError(error) if code is None else pb_utils.TritonError(error, code)
+                    self.sender.send(
+                        pb_utils.InferenceResponse(output_tensors=[], error=failure),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                    )
+            except Exception:  # the client is gone; nothing is left to tell it
+                pass
+        self.done.set()
+
+    def response(self) -> Any:
+        if self.error is not None:
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(self.error))
+        tensor = to_triton("token_ids", np.asarray(self.generated, dtype=np.int64))
+        return pb_utils.InferenceResponse(output_tensors=[tensor])
+
+
+@dataclass
+class DecoderBatch:
+    """The decoder's inputs for the active captions, kept between steps: row i belongs to captions[i]."""
+
+    captions: list[Caption]
+    cross_keys: Any  # OrtValue [batch, layers, heads, patches, head_dim]
+    cross_values: Any
+    past_keys: Any  # OrtValue [batch, layers, heads, length, head_dim]; rows padded at the front
+    past_values: Any
+    attention_mask: np.ndarray  # [batch, length]: 1 where a row's cache holds one of its tokens, 0 for padding
+    host_arrays: list[np.ndarray] = field(default_factory=list)  # what CPU OrtValues borrow; kept alive here
+
+
+class InProcessDecoder:
+    """The text decoder's ONNX Runtime session and the batch it steps; only the scheduler thread calls it."""
+
+    def __init__(self, path: str, head_shape: Sequence[int], device: str, device_id: int, threads: int) -> None:
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device == "cuda":
+            available = onnxruntime.get_available_providers()
+            if "CUDAExecutionProvider" not in available:
+                raise CaptionError(
+                    f"a KIND_GPU captioner needs ONNX Runtime's CUDAExecutionProvider; this onnxruntime "
+                    f"{onnxruntime.__version__} has {', '.join(available)} (install onnxruntime-gpu)"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        self.session = onnxruntime.InferenceSession(path, options, providers=providers)
+        self.device, self.device_id = device, device_id
+        self.head_shape = tuple(int(n) for n in head_shape)
+
+    def _on_device(self, array: np.ndarray, batch: DecoderBatch) -> Any:
+        array = np.ascontiguousarray(array)
+        if self.device == "cpu":
+            batch.host_arrays.append(array)
+        return onnxruntime.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
+
+    def regroup(self, previous: DecoderBatch | None, staying: list[Caption], joining: list[Caption]) -> DecoderBatch:
+        """The batch for `staying` (rows of `previous`, in order) plus `joining` (empty caches, padded)."""
+        layers, heads, head_dim = self.head_shape
+        if previous is not None and staying:
+            rows = [previous.captions.index(caption) for caption in staying]
+            past_keys = previous.past_keys.numpy()[rows]
+            past_values = previous.past_values.numpy()[rows]
+            mask = previous.attention_mask[rows]
+        else:
+            past_keys = np.zeros((0, layers, heads, 0, head_dim), dtype=np.float32)
+            past_values, mask = past_keys, np.zeros((0, 0), dtype=np.int64)
+        length = mask.shape[1]
+        padding = np.zeros((len(joining), layers, heads, length, head_dim), dtype=np.float32)
+        past_keys = np.concatenate([past_keys, padding])
+        past_values = np.concatenate([past_values, padding])
+        mask = np.concatenate([mask, np.zeros((len(joining), length), dtype=np.int64)])
+        # Slots no row uses any more (the oldest captions left) are cut, so the cache is as long as the longest row.
+        used = np.flatnonzero(mask.any(axis=0))
+        start = int(used[0]) if used.size else length
+        captions = staying + joining
+        batch = DecoderBatch(captions, None, None, None, None, mask[:, start:].copy())
+        batch.past_keys = self._on_device(past_keys[:, :, :, start:], batch)
+        batch.past_values = self._on_device(past_values[:, :, :, start:], batch)
+        batch.cross_keys = self._on_device(np.concatenate([c.cross_keys for c in captions]), batch)
+        batch.cross_values = self._on_device(np.concatenate([c.cross_values for c in captions]), batch)
+        return batch
+
+    def step(self, batch: DecoderBatch) -> np.ndarray:
+        """One decoder step of every row; returns each row's next token and keeps the grown cache in `batch`."""
+        rows = len(batch.captions)
+        attention_mask = np.concatenate([batch.attention_mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([[c.next_token] for c in batch.captions], dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.asarray([[c.position] for c in batch.captions], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        for name in ("cross_keys", "cross_values", "past_keys", "past_values"):
+            binding.bind_ortvalue_input(name, getattr(batch, name))
+        binding.bind_output("logits", "cpu")
+        binding.bind_output("present_keys", self.device, self.device_id)
+        binding.bind_output("present_values", self.device, self.device_id)
+        self.session.run_with_iobinding(binding)
+        logits, batch.past_keys, batch.past_values = binding.get_outputs()
+        batch.attention_mask = attention_mask
+        return np.argmax(logits.numpy()[:, -1], axis=-1)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.config = json.loads(args["model_config"])
         self.vision_model = _parameter(self.config, "vision_encoder_model")
-        self.decoder_model = _parameter(self.config, "text_decoder_model")
+        decoder_model = _parameter(self.config, "text_decoder_model")
+        self.max_active = _positive_int_parameter(self.config, "max_active_captions", DEFAULT_MAX_ACTIVE_CAPTIONS)
+        threads = int(_parameter(self.config, "decoder_intra_op_thread_count", "0"))
         path = os.path.join(args["model_repository"], args["model_version"], GENERATION_CONFIG_FILENAME)
         try:
             with open(path, encoding="utf-8") as handle:
@@ -75,82 +269,140 @@ class TritonPythonModel:
         except OSError as error:
             raise CaptionError(
                 f"model '{self.config['name']}': cannot read {path} ({error.strerror}); it holds bos_token_id, "
-                "eos_token_id, max_new_tokens and decoder_cache_shape [layers, heads, head_dim]"
+                "eos_token_id, max_new_tokens, max_positions and decoder_cache_shape [layers, heads, head_dim]"
             ) from None
         self.bos_token_id = int(generation["bos_token_id"])
         self.eos_token_id = int(generation["eos_token_id"])
         self.max_new_tokens = int(generation["max_new_tokens"])
-        self.cache_shape = tuple(int(n) for n in generation["decoder_cache_shape"])
+        self.max_positions = int(generation["max_positions"])
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
-
-    def _call(self, model: str, inputs: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
-        """Run `model` on ndarrays or pb_utils.Tensors; its outputs stay pb_utils.Tensors (no copy between steps)."""
-        request = pb_utils.InferenceRequest(
-            model_name=model,
-            inputs=[to_triton(name, array) for name, array in inputs.items()],
-            requested_output_names=outputs,
-            # numpy needs host memory, wherever (CPU or GPU) the composing model ran
-            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
+        on_gpu = args.get("model_instance_kind") == "GPU"
+        self.decoder = InProcessDecoder(
+            decoder_path(args["model_repository"], decoder_model),
+            generation["decoder_cache_shape"],
+            "cuda" if on_gpu else "cpu",
+            int(args.get("model_instance_device_id", 0)) if on_gpu else 0,
+            threads,
         )
-        response = request.exec()
-        if response.has_error():
-            raise CaptionError(f"{model}: {response.error().message()}")
-        return {name: pb_utils.get_output_tensor_by_name(response, name) for name in outputs}
+        self.logger = pb_utils.Logger
+        self.ready: queue.Queue[Caption] = queue.Queue()
+        self.stopping = threading.Event()
+        self.vision_pool = ThreadPoolExecutor(self.max_active, thread_name_prefix="caption-vision")
+        self.scheduler = threading.Thread(target=self._decode_loop, name="caption-decoder", daemon=True)
+        self.scheduler.start()
 
-    def _caption(self, request: Any, emit: Any) -> list[int]:
-        pixel_values = pb_utils.get_input_tensor_by_name(request, "pixel_values")
-        max_new_tokens = int(_optional_scalar(request, "max_new_tokens", self.max_new_tokens))
-        ignore_eos = bool(_optional_scalar(request, "ignore_eos", False))
-        if max_new_tokens < 1:
-            raise CaptionError(f"max_new_tokens is {max_new_tokens}; ask for at least 1")
-        cross = self._call(self.vision_model, {"pixel_values": pixel_values}, ["cross_keys", "cross_values"])
-        layers, heads, head_dim = self.cache_shape
-        keys = np.zeros((1, layers, heads, 0, head_dim), dtype=np.float32)
-        values = np.zeros_like(keys)
-        token = self.bos_token_id
-        generated: list[int] = []
-        for _ in range(max_new_tokens):
-            step = self._call(
-                self.decoder_model,
-                {
-                    "input_ids": np.asarray([[token]], dtype=np.int64),
-                    "cross_keys": cross["cross_keys"],
-                    "cross_values": cross["cross_values"],
-                    "past_keys": keys,
-                    "past_values": values,
-                },
-                ["logits", "present_keys", "present_values"],
+    # ---- requests in ----
+
+    def _accept(self, request: Any) -> Caption:
+        sender = request.get_response_sender() if self.decoupled else None
+        caption = Caption(request, sender, np.zeros(0, np.float32), 0, False, self.bos_token_id)
+        try:
+            tensor = pb_utils.get_input_tensor_by_name(request, "pixel_values")
+            caption.pixel_values = np.array(from_triton(tensor), dtype=np.float32)  # a copy the request may outlive
+            caption.max_new_tokens = int(_optional_scalar(request, "max_new_tokens", self.max_new_tokens))
+            caption.ignore_eos = bool(_optional_scalar(request, "ignore_eos", False))
+            if not 1 <= caption.max_new_tokens < self.max_positions:
+                raise CaptionError(
+                    f"max_new_tokens is {caption.max_new_tokens}; ask for 1 to {self.max_positions - 1} "
+                    f"(the text decoder has {self.max_positions} positions)"
+                )
+        except Exception as error:  # one bad request answers itself and disturbs no other
+            caption.finish(str(error))
+            return caption
+        self.vision_pool.submit(self._encode, caption)
+        return caption
+
+    def _encode(self, caption: Caption) -> None:
+        """The caption's vision pass (BLS); then it waits in `ready` for the next step boundary."""
+        try:
+            request = pb_utils.InferenceRequest(
+                model_name=self.vision_model,
+                inputs=[to_triton("pixel_values", caption.pixel_values)],
+                requested_output_names=list(VISION_OUTPUTS),
+                preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
             )
-            keys, values = step["present_keys"], step["present_values"]
-            token = int(np.argmax(from_triton(step["logits"])[0, -1]))
-            generated.append(token)
-            emit([token])
-            if token == self.eos_token_id and not ignore_eos:
-                break
-        return generated
+            response = request.exec()
+            if response.has_error():
+                raise CaptionError(f"{self.vision_model}: {response.error().message()}")
+            outputs = [np.array(from_triton(pb_utils.get_output_tensor_by_name(response, n))) for n in VISION_OUTPUTS]
+            caption.cross_keys, caption.cross_values = outputs
+        except Exception as error:  # answered to its own client
+            caption.finish(str(error))
+            return
+        self.ready.put(caption)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
-        responses = []
-        for request in requests:
-            sender = request.get_response_sender() if self.decoupled else None
+        captions = [self._accept(request) for request in requests]
+        if self.decoupled:
+            return None  # the scheduler streams every response
+        for caption in captions:
+            caption.done.wait()
+        return [caption.response() for caption in captions]
 
-            def emit(tokens: list[int], sender: Any = sender) -> None:
-                if sender is not None:
-                    tensor = to_triton("token_ids", np.asarray(tokens, dtype=np.int64))
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]))
+    # ---- the decoding loop ----
 
+    def _take_ready(self, free_slots: int, wait: bool) -> list[Caption]:
+        joining: list[Caption] = []
+        while len(joining) < free_slots:
             try:
-                generated = self._caption(request, emit)
-            except Exception as error:  # one failed caption answers its own request, not the others
-                failure = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error)))
-                if sender is not None:
-                    sender.send(failure, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                else:
-                    responses.append(failure)
+                caption = self.ready.get(timeout=IDLE_POLL_S) if wait and not joining else self.ready.get_nowait()
+            except queue.Empty:
+                break
+            if caption.cancelled():
+                caption.finish(
+                    "caption cancelled before its first token", getattr(pb_utils.TritonError, "CANCELLED", None)
+                )
                 continue
-            if sender is not None:
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                tensor = to_triton("token_ids", np.asarray(generated, dtype=np.int64))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
-        return None if self.decoupled else responses
+            joining.append(caption)
+        return joining
+
+    def _leaving(self, active: list[Caption]) -> list[Caption]:
+        leaving = []
+        for caption in active:
+            if caption.finished:
+                leaving.append(caption)
+            elif caption.cancelled():
+                caption.finish("caption cancelled", getattr(pb_utils.TritonError, "CANCELLED", None))
+                self.logger.log_info(
+                    f"{self.config['name']}: caption cancelled after {len(caption.generated)} tokens; its slot is "
+                    f"free ({len(active) - 1} other captions decoding)"
+                )
+                leaving.append(caption)
+        return leaving
+
+    def _decode_loop(self) -> None:
+        active: list[Caption] = []
+        batch: DecoderBatch | None = None
+        while not self.stopping.is_set():
+            leaving = self._leaving(active)
+            staying = [caption for caption in active if caption not in leaving]
+            joining = self._take_ready(self.max_active - len(staying), wait=not staying)
+            if leaving or joining:
+                active = staying + joining
+                batch = self.decoder.regroup(batch, staying, joining) if active else None
+            if batch is None:
+                continue
+            try:
+                tokens = self.decoder.step(batch)
+            except Exception as error:  # the decoder itself failed: every caption in it is told
+                for caption in active:
+                    caption.finish(f"text decoder step failed: {error}")
+                active, batch = [], None
+                continue
+            for caption, token in zip(active, tokens.tolist(), strict=True):
+                self._advance(caption, int(token))
+
+    def _advance(self, caption: Caption, token: int) -> None:
+        try:
+            caption.emit(token)
+        except Exception as error:  # its client is gone; the others go on
+            caption.finish(f"cannot send a token: {error}")
+            return
+        caption.next_token = token
+        if (token == self.eos_token_id and not caption.ignore_eos) or len(caption.generated) >= caption.max_new_tokens:
+            caption.finish()
+
+    def finalize(self) -> None:
+        self.stopping.set()
+        self.scheduler.join(timeout=30)
+        self.vision_pool.shutdown(wait=True, cancel_futures=True)
