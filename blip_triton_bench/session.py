@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test nee
     from blip_triton_bench.ab import ABRun
     from blip_triton_bench.agreement import Agreement
     from blip_triton_bench.caption_latency import CaptionLatency
+    from blip_triton_bench.caption_load import CaptionLevelMeasurement
     from blip_triton_bench.efficiency import InProcessReference
     from blip_triton_bench.perf import PerfRun
 
@@ -73,6 +74,8 @@ class BenchSession:
     #: per variant: caption exact-match rate against the FP32 teacher's greedy captions
     caption_match: dict[str, float] = field(default_factory=dict)
     caption_latency: dict[str, CaptionLatency] = field(default_factory=dict)
+    #: (captioner, level) measured by the caption load tests, in the order they ran
+    caption_load: list[tuple[str, CaptionLevelMeasurement]] = field(default_factory=list)
     artifact_bytes: dict[str, int] = field(default_factory=dict)
     sweep_lines: list[str] = field(default_factory=list)
     outcome: FinishOutcome = field(default_factory=FinishOutcome)

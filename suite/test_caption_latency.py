@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from blip_triton_bench.baselines import BaselineError
-from blip_triton_bench.caption import CaptionerClient, caption_through_triton
-from blip_triton_bench.caption_latency import CAPTION_LEVEL, CaptionLatency
+from blip_triton_bench.caption import Caption, CaptionerClient, caption_through_triton
+from blip_triton_bench.caption_latency import CAPTION_LEVEL, IN_PROCESS_WAY, CaptionLatency, in_process_key
 from blip_triton_bench.client import TritonInferClient
 from blip_triton_bench.model import ModelDescription
 from blip_triton_bench.perf import PerfRun, enforce_verdict
@@ -70,3 +70,28 @@ def test_captioner_caption_latency(
         )
     way = "captioner (streamed)" if served_captioner.variant.decoupled else "captioner (one response)"
     judge(CaptionLatency(served_captioner.name, way, captions), served_captioner, perf_run, bench_session)
+
+
+def test_in_process_decoder_floor(
+    served_captioner: ServedVariant, model_artifacts, model_description: ModelDescription, bench_options, bench_session
+) -> None:
+    """What the captioner's inter-token latency is held to, same run: the same split encoder and decoder step in this
+    process (ONNX Runtime, no server, no transfer), for captions as long as the served ones. Not judged against a
+    baseline: it is the floor the report compares the served numbers with."""
+    from blip_triton_bench.split_export import greedy_caption_cached, onnxruntime_runners
+
+    split = model_artifacts.split()
+    runners = onnxruntime_runners(split)
+    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    tokens = model_description.special_tokens
+    greedy_caption_cached(*runners, pixel_values, tokens, split.head_shape, 2, True)  # warm-up
+    captions = []
+    for _ in range(bench_options.caption_repeats):
+        cached = greedy_caption_cached(
+            *runners, pixel_values, tokens, split.head_shape, bench_options.caption_tokens, True
+        )
+        first = cached.encoder_ms + cached.step_latencies_ms[0]
+        captions.append(Caption(cached.token_ids, (first, *cached.step_latencies_ms[1:])))
+    latency = CaptionLatency(in_process_key(served_captioner.name), IN_PROCESS_WAY, tuple(captions))
+    assert latency.output_tokens == bench_options.caption_tokens
+    bench_session.caption_latency[latency.variant] = latency

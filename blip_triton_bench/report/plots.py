@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blip_triton_bench.ab import ABLevel
+from blip_triton_bench.caption_load import CAPTION_CONCURRENCY, CaptionLevelMeasurement
 from blip_triton_bench.load import CONCURRENCY
 from blip_triton_bench.perf import JudgedLevel
 from blip_triton_bench.selection import VariantSummary
@@ -269,3 +270,51 @@ def plot_ab(levels: Sequence[ABLevel], directory: Path) -> Path | None:
     axis.legend()
     figure.tight_layout()
     return save_figure(figure, directory / "ab_before_vs_after.png")
+
+
+def plot_caption_load(levels: Sequence[tuple[str, CaptionLevelMeasurement]], directory: Path) -> Path | None:
+    """Closed-loop caption levels per captioner: output tokens/s against caption concurrency, and the inter-token
+    latency and time to first token (p50) that came with it."""
+    points: dict[str, list[tuple[float, dict[str, float]]]] = {}
+    for captioner, measurement in levels:
+        if measurement.level.mode == CAPTION_CONCURRENCY and measurement.captions:
+            points.setdefault(captioner, []).append((measurement.level.value, measurement.metrics()))
+    if not points:
+        return None
+    plt = pyplot()
+    figure, (tokens_axis, latency_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for index, (captioner, rows) in enumerate(points.items()):
+        rows.sort(key=lambda row: row[0])
+        concurrency = [row[0] for row in rows]
+        tokens_axis.plot(
+            concurrency,
+            [row[1]["output_token_throughput_per_s"] for row in rows],
+            "o-",
+            color=f"C{index}",
+            label=captioner,
+        )
+        latency_axis.plot(
+            concurrency,
+            [row[1].get("inter_token_latency_ms", math.nan) for row in rows],
+            "o-",
+            color=f"C{index}",
+            label=f"{captioner} inter-token",
+        )
+        latency_axis.plot(
+            concurrency,
+            [row[1]["time_to_first_token_ms"] for row in rows],
+            "s--",
+            color=f"C{index}",
+            label=f"{captioner} first token",
+        )
+    tokens_axis.set_xlabel("caption concurrency")
+    tokens_axis.set_ylabel("output tokens/s")
+    tokens_axis.set_title("Caption throughput", fontsize=10)
+    latency_axis.set_xlabel("caption concurrency")
+    latency_axis.set_ylabel("ms (p50)")
+    latency_axis.set_title("Token latency", fontsize=10)
+    for axis in (tokens_axis, latency_axis):
+        axis.legend(fontsize=8)
+        axis.set_ylim(bottom=0)
+    figure.tight_layout()
+    return save_figure(figure, directory / "caption_load.png")

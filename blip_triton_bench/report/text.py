@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from blip_triton_bench.ab import ABLevel
 from blip_triton_bench.caption_latency import CaptionLatency, speedup
+from blip_triton_bench.caption_load import CAPTION_CONCURRENCY, CaptionLevelMeasurement
 from blip_triton_bench.load import CONCURRENCY
 from blip_triton_bench.perf import STARTUP_LEVEL, FailedLevel, JudgedLevel, StartupResult
 from blip_triton_bench.resources import ResourceUsage
@@ -316,6 +317,48 @@ def caption_table(latencies: Sequence[CaptionLatency]) -> str:
             f"{'-' if itl is None else f'{itl:.1f}'} | {metrics['output_token_throughput_per_s']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def caption_load_table(levels: Sequence[tuple[str, CaptionLevelMeasurement]]) -> str:
+    """One row per captioner and caption load level: genai-perf's numbers, percentiles over every caption."""
+    lines = [
+        "| captioner | level | output tokens/s (spread) | captions/s | time to first token ms p50 / p90 / p99 | "
+        "inter-token latency ms p50 / p90 / p99 | request latency ms p50 / p90 / p99 | captions | windows |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for captioner, measurement in levels:
+        metrics = measurement.metrics()
+
+        def percentiles(name: str, metrics: dict[str, float] = metrics) -> str:
+            keys = (f"{name}_ms", f"{name}_p90_ms", f"{name}_p99_ms")
+            return " / ".join(_cell(metrics.get(key), ".1f") for key in keys)
+
+        stable = "stable" if measurement.stability.stable else "unstable"
+        lines.append(
+            f"| {captioner} | {measurement.level.level_id} | {metrics['output_token_throughput_per_s']:.1f} "
+            f"({metrics['output_token_throughput_spread_pct']:.0f}%) | {metrics['caption_throughput_per_s']:.2f} | "
+            f"{percentiles('time_to_first_token')} | {percentiles('inter_token_latency')} | {percentiles('caption')} | "
+            f"{int(metrics['caption_count'])} | {len(measurement.judged)} of {len(measurement.windows)}, {stable} |"
+        )
+    return "\n".join(lines)
+
+
+def caption_scaling_lines(levels: Sequence[tuple[str, CaptionLevelMeasurement]]) -> list[str]:
+    """Per captioner: output tokens/s at its highest closed-loop concurrency over concurrency 1 (same run)."""
+    by_captioner: dict[str, dict[float, float]] = {}
+    for captioner, measurement in levels:
+        if measurement.level.mode == CAPTION_CONCURRENCY:
+            tokens = measurement.metrics()["output_token_throughput_per_s"]
+            by_captioner.setdefault(captioner, {})[measurement.level.value] = tokens
+    lines = []
+    for captioner, tokens_at in by_captioner.items():
+        highest = max(tokens_at)
+        if 1 in tokens_at and highest > 1 and tokens_at[1] > 0:
+            lines.append(
+                f"{captioner}: {tokens_at[highest] / tokens_at[1]:.2f}x the output tokens/s at caption concurrency "
+                f"{highest:g} as at 1 (same run; in-flight batching shares each decoder step)"
+            )
+    return lines
 
 
 def _cell(value: float | None, form: str) -> str:

@@ -13,15 +13,25 @@ from typing import TYPE_CHECKING, Any
 
 from tritonclient.grpc import model_config_pb2
 
+from blip_triton_bench.caption_latency import inter_token_floor_lines
 from blip_triton_bench.efficiency import InProcessReference
 from blip_triton_bench.files import write_text_atomic
 from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
-from blip_triton_bench.report.plots import plot_ab, plot_accuracy_vs_speed, plot_frontier, plot_levels, plot_resources
+from blip_triton_bench.report.plots import (
+    plot_ab,
+    plot_accuracy_vs_speed,
+    plot_caption_load,
+    plot_frontier,
+    plot_levels,
+    plot_resources,
+)
 from blip_triton_bench.report.text import (
     CSV_COLUMNS,
     ab_table,
     budget_text,
+    caption_load_table,
     caption_ratio_lines,
+    caption_scaling_lines,
     caption_table,
     choice_table,
     csv_row,
@@ -199,8 +209,23 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
         sections.append(
             ReportSection(
                 "Caption latency (genai-perf metrics)",
-                "\n\n".join([caption_table(latencies), *caption_ratios]),
+                "\n\n".join(
+                    [caption_table(latencies), *caption_ratios, *inter_token_floor_lines(session.caption_latency)]
+                ),
                 data=[{"variant": item.variant, "way": item.way, **item.metrics()} for item in latencies],
+            )
+        )
+    if session.caption_load:
+        plot = plot_caption_load(session.caption_load, directory) if directory is not None else None
+        sections.append(
+            ReportSection(
+                "Caption load (genai-perf metrics)",
+                "\n\n".join([caption_load_table(session.caption_load), *caption_scaling_lines(session.caption_load)]),
+                plots=(plot,) if plot else (),
+                data=[
+                    {"captioner": captioner, "level": measurement.level.level_id, **measurement.metrics()}
+                    for captioner, measurement in session.caption_load
+                ],
             )
         )
     if summaries:

@@ -1,0 +1,349 @@
+"""Caption load as genai-perf drives a generative model: streamed caption requests kept in flight (closed loop,
+`--caption-concurrency`) or sent on a schedule (open loop, `--caption-request-rate`), measured in windows after a
+warm-up, with the logits levels' stability rule.
+
+Each caption asks for the same number of tokens with the end token ignored, so every caption is as long. A window
+counts the tokens that arrived in it (output tokens/s, fine-grained even when a window ends only a few captions)
+and the captions that ended in it (time to first token, inter-token latency and request latency, percentiles over
+every caption of the judged windows, never averaged across windows).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from blip_triton_bench.caption import CaptionerClient
+from blip_triton_bench.load import (
+    MAX_CONCURRENCY,
+    MAX_REQUEST_RATE,
+    MAX_WINDOW_STRETCH,
+    LoadLevel,
+    LoadSettings,
+    LoadSpecError,
+    arrival_gaps_s,
+    parse_range,
+)
+from blip_triton_bench.stats import (
+    Stability,
+    WindowSample,
+    assess_stability,
+    latency_percentile,
+    needs_more_windows,
+    spread_pct,
+)
+
+CAPTION_CONCURRENCY = "caption_concurrency"
+CAPTION_REQUEST_RATE = "caption_request_rate"
+#: A window lasts at least the measurement window and until this many captions ended in it (stretched up to
+#: MAX_WINDOW_STRETCH times), so each window's latencies come from more than one caption.
+MIN_CAPTIONS_PER_WINDOW = 3
+#: Open loop: at most this many captions in flight (one gRPC stream each); beyond it the level has failed to
+#: keep up and the backlog is reported, not grown without bound.
+MAX_OPEN_LOOP_STREAMS = 256
+PERCENTILES = (50, 90, 99)
+
+
+def caption_concurrency_levels(text: str) -> list[LoadLevel]:
+    values = parse_range(text, "--caption-concurrency", MAX_CONCURRENCY)
+    if any(not value.is_integer() for value in values):
+        raise LoadSpecError(f"--caption-concurrency {text!r}: concurrency levels must be whole numbers")
+    return [LoadLevel(CAPTION_CONCURRENCY, int(value)) for value in values]
+
+
+def caption_request_rate_levels(text: str) -> list[LoadLevel]:
+    values = parse_range(text, "--caption-request-rate", MAX_REQUEST_RATE)
+    return [LoadLevel(CAPTION_REQUEST_RATE, value) for value in values]
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One caption under load: when it was asked for (scheduled, in open loop) and when each token arrived."""
+
+    asked_s: float
+    token_arrivals_s: tuple[float, ...]
+    error: str | None = None
+
+    @property
+    def ended_s(self) -> float:
+        return self.token_arrivals_s[-1] if self.token_arrivals_s else self.asked_s
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.ended_s - self.asked_s) * 1000.0
+
+    @property
+    def time_to_first_token_ms(self) -> float:
+        return (self.token_arrivals_s[0] - self.asked_s) * 1000.0
+
+    @property
+    def inter_token_latency_ms(self) -> float | None:
+        """genai-perf's: (request latency - time to first token) / (output tokens - 1)."""
+        if len(self.token_arrivals_s) < 2:
+            return None
+        return (self.token_arrivals_s[-1] - self.token_arrivals_s[0]) * 1000.0 / (len(self.token_arrivals_s) - 1)
+
+
+@dataclass(frozen=True)
+class CaptionWindow:
+    start_s: float
+    duration_s: float
+    token_gaps_ms: tuple[float, ...]  # per token that arrived in the window: the time since its caption's previous one
+    captions: tuple[CaptionRecord, ...]  # ended in this window, failed ones included
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_gaps_ms) / self.duration_s
+
+    def as_sample(self) -> WindowSample:
+        """For the stability rule: throughput in tokens/s, latency the mean gap before a token."""
+        failed = sum(record.error is not None for record in self.captions)
+        return WindowSample(self.start_s, self.duration_s, self.token_gaps_ms, failed)
+
+
+@dataclass(frozen=True)
+class CaptionLevelMeasurement:
+    level: LoadLevel
+    tokens_per_caption: int
+    windows: tuple[CaptionWindow, ...]
+    stability: Stability
+    unfinished: int = 0  # captions still streaming when the level stopped
+
+    @property
+    def judged(self) -> list[CaptionWindow]:
+        return [self.windows[index] for index in self.stability.window_indices]
+
+    @property
+    def captions(self) -> list[CaptionRecord]:
+        return [record for window in self.judged for record in window.captions if record.error is None]
+
+    @property
+    def errors(self) -> list[str]:
+        return [record.error for window in self.judged for record in window.captions if record.error is not None]
+
+    def metrics(self) -> dict[str, float]:
+        """genai-perf's metrics: output tokens/s (median of the windows'), captions/s (tokens/s over the fixed
+        caption length), and time to first token, inter-token latency and request latency percentiles."""
+        windows = self.judged
+        tokens_per_s = [window.tokens_per_s for window in windows]
+        captions = self.captions
+        metrics: dict[str, float] = {
+            "output_token_throughput_per_s": float(np.median(tokens_per_s)),
+            "output_token_throughput_spread_pct": spread_pct(tokens_per_s),
+            "caption_throughput_per_s": float(np.median(tokens_per_s)) / self.tokens_per_caption,
+            "caption_count": float(len(captions)),
+            "caption_errors": float(len(self.errors)),
+            "output_tokens": float(self.tokens_per_caption),
+        }
+        series: dict[str, Callable[[CaptionRecord], float | None]] = {
+            "time_to_first_token": lambda record: record.time_to_first_token_ms,
+            "inter_token_latency": lambda record: record.inter_token_latency_ms,
+            "caption": lambda record: record.latency_ms,
+        }
+        for name, value_of in series.items():
+            values = np.sort([v for v in map(value_of, captions) if v is not None])
+            if not values.size:
+                continue
+            metrics[f"{name}_ms"] = latency_percentile(values, 50)
+            for percentile in PERCENTILES[1:]:
+                metrics[f"{name}_p{percentile}_ms"] = latency_percentile(values, percentile)
+            per_window = [
+                float(np.median(window_values))
+                for window in windows
+                if (window_values := [v for r in window.captions if r.error is None if (v := value_of(r)) is not None])
+            ]
+            metrics[f"{name}_spread_pct"] = spread_pct(per_window)
+        return metrics
+
+
+class _InFlight:
+    """How many open-loop captions are streaming, bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self._lock = threading.Lock()
+        self._limit = limit
+        self.count = 0
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.count >= self._limit:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+class _Recorder:
+    """Captions as they end and tokens as they arrive, shared by the load threads and the window clock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: list[CaptionRecord] = []
+        self.tokens: list[tuple[float, float]] = []  # (arrived_s, gap_ms)
+
+    def token(self, arrived_s: float, gap_ms: float) -> None:
+        with self._lock:
+            self.tokens.append((arrived_s, gap_ms))
+
+    def caption(self, record: CaptionRecord) -> None:
+        with self._lock:
+            self.records.append(record)
+
+    def window(self, start_s: float, end_s: float) -> CaptionWindow:
+        with self._lock:
+            gaps = tuple(gap for arrived, gap in self.tokens if start_s <= arrived < end_s)
+            ended = tuple(r for r in self.records if start_s <= r.ended_s < end_s)
+        return CaptionWindow(start_s, end_s - start_s, gaps, ended)
+
+
+def _one_caption(
+    client: CaptionerClient, model_name: str, pixel_values: np.ndarray, tokens: int, asked_s: float, recorder: _Recorder
+) -> None:
+    try:
+        sent = client.send(model_name, pixel_values, tokens, ignore_eos=True)
+        arrivals: list[float] = []
+
+        def arrived(arrived_s: float, gap_ms: float) -> None:
+            # the first gap counts from when the caption was asked for (scheduled, in open loop)
+            recorder.token(arrived_s, gap_ms if arrivals else (arrived_s - asked_s) * 1000.0)
+            arrivals.append(arrived_s)
+
+        client.receive(model_name, 0, sent, on_token=arrived)
+    except Exception as error:  # one failed caption is counted in its window; the load goes on
+        recorder.caption(CaptionRecord(asked_s, (), f"{type(error).__name__}: {error}"))
+        return
+    error = None
+    if len(arrivals) != tokens:
+        error = f"asked for {tokens} tokens (end token ignored), got {len(arrivals)}"
+    recorder.caption(CaptionRecord(asked_s, tuple(arrivals), error))
+
+
+def _measure_windows(recorder: _Recorder, settings: LoadSettings, started_s: float) -> list[CaptionWindow]:
+    windows: list[CaptionWindow] = []
+    start = started_s + settings.warmup_s
+    time.sleep(max(0.0, start - time.perf_counter()))
+    samples: list[WindowSample] = []
+    while not samples or needs_more_windows(
+        samples, settings.max_windows, settings.stability_windows, settings.stability_pct
+    ):
+        end = start + settings.window_s
+        longest = start + settings.window_s * MAX_WINDOW_STRETCH
+        while True:
+            time.sleep(max(0.0, end - time.perf_counter()))
+            window = recorder.window(start, end)
+            if len(window.captions) >= MIN_CAPTIONS_PER_WINDOW or end >= longest:
+                break
+            end = min(longest, end + settings.window_s / 2)
+        windows.append(window)
+        samples.append(window.as_sample())
+        start = end
+    return windows
+
+
+@contextmanager
+def _closed_loop(
+    url: str, model_name: str, pixel_values: np.ndarray, tokens: int, concurrency: int, recorder: _Recorder
+):
+    stopping = threading.Event()
+
+    def worker() -> None:
+        with CaptionerClient(url) as client:
+            while not stopping.is_set():
+                _one_caption(client, model_name, pixel_values, tokens, time.perf_counter(), recorder)
+
+    threads = [threading.Thread(target=worker, name=f"caption-load-{i}", daemon=True) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield lambda: sum(thread.is_alive() for thread in threads)
+    finally:
+        stopping.set()
+        for thread in threads:  # each ends its current caption, so the next level starts on an idle server
+            thread.join()
+
+
+@contextmanager
+def _open_loop(
+    url: str, model_name: str, pixel_values: np.ndarray, tokens: int, rate: float, settings: LoadSettings, recorder
+):
+    stopping = threading.Event()
+    clients: queue.SimpleQueue[CaptionerClient] = queue.SimpleQueue()
+    in_flight = _InFlight(MAX_OPEN_LOOP_STREAMS)
+    pool = ThreadPoolExecutor(MAX_OPEN_LOOP_STREAMS, thread_name_prefix="caption-open-loop")
+    opened: list[CaptionerClient] = []
+
+    def one(scheduled: float) -> None:
+        try:
+            client = clients.get_nowait()
+        except queue.Empty:
+            client = CaptionerClient(url)
+            opened.append(client)
+        try:
+            _one_caption(client, model_name, pixel_values, tokens, scheduled, recorder)
+        finally:
+            clients.put(client)
+            in_flight.leave()
+
+    def dispatch() -> None:
+        longest_s = settings.warmup_s + settings.window_s * MAX_WINDOW_STRETCH * settings.max_windows
+        scheduled = time.perf_counter()
+        for gap in arrival_gaps_s(rate, int(rate * longest_s) + 16, settings.arrival, settings.seed):
+            scheduled += gap
+            if stopping.wait(max(0.0, scheduled - time.perf_counter())):
+                return
+            if not in_flight.enter():
+                # the server cannot keep up: the caption is counted as failed in its window, not queued here
+                recorder.caption(CaptionRecord(scheduled, (), f"more than {MAX_OPEN_LOOP_STREAMS} captions in flight"))
+                continue
+            pool.submit(one, scheduled)
+
+    dispatcher = threading.Thread(target=dispatch, name="caption-dispatch", daemon=True)
+    dispatcher.start()
+    try:
+        yield lambda: in_flight.count
+    finally:
+        stopping.set()
+        dispatcher.join()
+        pool.shutdown(wait=True)
+        for client in opened:
+            client.__exit__(None, None, None)
+
+
+def measure_caption_level(
+    url: str, model_name: str, pixel_values: np.ndarray, tokens: int, level: LoadLevel, settings: LoadSettings
+) -> CaptionLevelMeasurement:
+    """Run one caption load level against a streamed captioner over gRPC and measure it in windows."""
+    if tokens < 1:
+        raise LoadSpecError(f"--caption-tokens {tokens}: ask for at least 1 token per caption")
+    recorder = _Recorder()
+    started = time.perf_counter()
+    if level.mode == CAPTION_CONCURRENCY:
+        load = _closed_loop(url, model_name, pixel_values, tokens, int(level.value), recorder)
+    elif level.mode == CAPTION_REQUEST_RATE:
+        load = _open_loop(url, model_name, pixel_values, tokens, float(level.value), settings, recorder)
+    else:
+        raise LoadSpecError(f"not a caption load level: {level.level_id}")
+    with load as in_flight:
+        windows = _measure_windows(recorder, settings, started)
+        unfinished = in_flight()
+    stability = assess_stability(
+        [window.as_sample() for window in windows], settings.stability_windows, settings.stability_pct
+    )
+    return CaptionLevelMeasurement(level, tokens, tuple(windows), stability, unfinished)
+
+
+def caption_levels(concurrency: str | None, request_rate: str | None) -> Iterator[LoadLevel]:
+    if concurrency:
+        yield from caption_concurrency_levels(concurrency)
+    if request_rate:
+        yield from caption_request_rate_levels(request_rate)

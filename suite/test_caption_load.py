@@ -1,0 +1,62 @@
+"""Captioning as a service, genai-perf's way: streamed caption requests at each --caption-concurrency (closed loop)
+and --caption-request-rate (open loop) level, measured in windows after a warm-up, judged against the baseline.
+
+Per level: output tokens/s, captions/s, time to first token, inter-token latency and request latency (p50, p90,
+p99). Every caption asks for --caption-tokens tokens with the end token ignored, so every caption is as long and
+one that comes back shorter, or fails, fails the level.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from blip_triton_bench.baselines import BaselineError
+from blip_triton_bench.caption_load import measure_caption_level
+from blip_triton_bench.load import LoadLevel
+from blip_triton_bench.model import ModelDescription
+from blip_triton_bench.perf import PerfRun, UnstableMeasurement, enforce_verdict
+from blip_triton_bench.servers.served import ServedVariant
+from blip_triton_bench.workload import load_image, preprocess
+
+pytestmark = pytest.mark.perf
+
+IMAGE = "astronaut"
+
+
+def test_caption_load(
+    served_captioner: ServedVariant,
+    caption_load_level: LoadLevel,
+    model_description: ModelDescription,
+    bench_options,
+    perf_run: PerfRun,
+    bench_session,
+) -> None:
+    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    measurement = measure_caption_level(
+        served_captioner.server.endpoints.grpc_url,
+        served_captioner.name,
+        pixel_values,
+        bench_options.caption_tokens,
+        caption_load_level,
+        perf_run.settings.load,
+    )
+    bench_session.caption_load.append((served_captioner.name, measurement))
+    errors = measurement.errors
+    assert not errors, f"{len(errors)} caption(s) failed under {caption_load_level.level_id}; the first: {errors[0]}"
+    assert measurement.captions, (
+        f"no caption ended in the measured windows of {caption_load_level.level_id}; lengthen --window-s"
+    )
+    if not measurement.stability.stable:
+        warnings.warn(
+            UnstableMeasurement(
+                f"{served_captioner.name} {caption_load_level.level_id}: {measurement.stability.reason}"
+            ),
+            stacklevel=1,
+        )
+    try:
+        result = perf_run.judge_startup(served_captioner.variant, measurement.metrics(), caption_load_level.level_id)
+    except BaselineError as error:
+        pytest.fail(str(error), pytrace=False)
+    enforce_verdict(result, perf_run)
