@@ -32,7 +32,6 @@ from blip_triton_bench.workload import ModelInputs
 #: stored-baseline tolerance (10 %, which has to absorb the host's drift between runs): pairing cancels that
 #: drift, so a change half as large is both detectable and worth a failure here.
 DEFAULT_AB_MIN_EFFECT_PCT = 5.0
-DEFAULT_AB_ROUNDS = 10
 #: Fewer pairs can never reach p < 0.05 one-sided with the signed-rank test (its smallest p is 1 / 2^n).
 MIN_AB_ROUNDS = 5
 BEFORE_SUFFIX = "__before"

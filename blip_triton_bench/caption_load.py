@@ -206,11 +206,20 @@ class _Recorder:
         return CaptionWindow(start_s, end_s - start_s, gaps, ended)
 
 
-def _one_caption(
-    client: CaptionerClient, model_name: str, pixel_values: np.ndarray, tokens: int, asked_s: float, recorder: _Recorder
-) -> None:
+@dataclass(frozen=True)
+class CaptionRequest:
+    """What every caption of a level asks for, and the tokens it must come back with."""
+
+    model_name: str
+    pixel_values: np.ndarray
+    tokens: int
+    expected_ids: tuple[int, ...] | None = None  # the same image captioned alone; None: only the length is checked
+
+
+def _one_caption(client: CaptionerClient, request: CaptionRequest, asked_s: float, recorder: _Recorder) -> None:
+    model_name, tokens = request.model_name, request.tokens
     try:
-        sent = client.send(model_name, pixel_values, tokens, ignore_eos=True)
+        sent = client.send(model_name, request.pixel_values, tokens, ignore_eos=True)
         arrivals: list[float] = []
 
         def arrived(arrived_s: float, gap_ms: float) -> None:
@@ -218,13 +227,18 @@ def _one_caption(
             recorder.token(arrived_s, gap_ms if arrivals else (arrived_s - asked_s) * 1000.0)
             arrivals.append(arrived_s)
 
-        client.receive(model_name, 0, sent, on_token=arrived)
+        caption = client.receive(model_name, 0, sent, on_token=arrived)
     except Exception as error:  # one failed caption is counted in its window; the load goes on
         recorder.caption(CaptionRecord(asked_s, (), f"{type(error).__name__}: {error}"))
         return
     error = None
     if len(arrivals) != tokens:
         error = f"asked for {tokens} tokens (end token ignored), got {len(arrivals)}"
+    elif request.expected_ids is not None and caption.generated_ids != request.expected_ids:
+        error = (
+            f"tokens {list(caption.generated_ids)} differ from the same image's caption decoded alone "
+            f"{list(request.expected_ids)}"
+        )
     recorder.caption(CaptionRecord(asked_s, tuple(arrivals), error))
 
 
@@ -251,15 +265,13 @@ def _measure_windows(recorder: _Recorder, settings: LoadSettings, started_s: flo
 
 
 @contextmanager
-def _closed_loop(
-    url: str, model_name: str, pixel_values: np.ndarray, tokens: int, concurrency: int, recorder: _Recorder
-):
+def _closed_loop(url: str, request: CaptionRequest, concurrency: int, recorder: _Recorder):
     stopping = threading.Event()
 
     def worker() -> None:
         with CaptionerClient(url) as client:
             while not stopping.is_set():
-                _one_caption(client, model_name, pixel_values, tokens, time.perf_counter(), recorder)
+                _one_caption(client, request, time.perf_counter(), recorder)
 
     threads = [threading.Thread(target=worker, name=f"caption-load-{i}", daemon=True) for i in range(concurrency)]
     for thread in threads:
@@ -273,9 +285,7 @@ def _closed_loop(
 
 
 @contextmanager
-def _open_loop(
-    url: str, model_name: str, pixel_values: np.ndarray, tokens: int, rate: float, settings: LoadSettings, recorder
-):
+def _open_loop(url: str, request: CaptionRequest, rate: float, settings: LoadSettings, recorder: _Recorder):
     stopping = threading.Event()
     clients: queue.SimpleQueue[CaptionerClient] = queue.SimpleQueue()
     in_flight = _InFlight(MAX_OPEN_LOOP_STREAMS)
@@ -289,7 +299,7 @@ def _open_loop(
             client = CaptionerClient(url)
             opened.append(client)
         try:
-            _one_caption(client, model_name, pixel_values, tokens, scheduled, recorder)
+            _one_caption(client, request, scheduled, recorder)
         finally:
             clients.put(client)
             in_flight.leave()
@@ -320,17 +330,17 @@ def _open_loop(
 
 
 def measure_caption_level(
-    url: str, model_name: str, pixel_values: np.ndarray, tokens: int, level: LoadLevel, settings: LoadSettings
+    url: str, request: CaptionRequest, level: LoadLevel, settings: LoadSettings
 ) -> CaptionLevelMeasurement:
     """Run one caption load level against a streamed captioner over gRPC and measure it in windows."""
-    if tokens < 1:
-        raise LoadSpecError(f"--caption-tokens {tokens}: ask for at least 1 token per caption")
+    if request.tokens < 1:
+        raise LoadSpecError(f"--caption-tokens {request.tokens}: ask for at least 1 token per caption")
     recorder = _Recorder()
     started = time.perf_counter()
     if level.mode == CAPTION_CONCURRENCY:
-        load = _closed_loop(url, model_name, pixel_values, tokens, int(level.value), recorder)
+        load = _closed_loop(url, request, int(level.value), recorder)
     elif level.mode == CAPTION_REQUEST_RATE:
-        load = _open_loop(url, model_name, pixel_values, tokens, float(level.value), settings, recorder)
+        load = _open_loop(url, request, float(level.value), settings, recorder)
     else:
         raise LoadSpecError(f"not a caption load level: {level.level_id}")
     with load as in_flight:
@@ -339,7 +349,7 @@ def measure_caption_level(
     stability = assess_stability(
         [window.as_sample() for window in windows], settings.stability_windows, settings.stability_pct
     )
-    return CaptionLevelMeasurement(level, tokens, tuple(windows), stability, unfinished)
+    return CaptionLevelMeasurement(level, request.tokens, tuple(windows), stability, unfinished)
 
 
 def caption_levels(concurrency: str | None, request_rate: str | None) -> Iterator[LoadLevel]:

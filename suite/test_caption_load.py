@@ -3,7 +3,7 @@ and --caption-request-rate (open loop) level, measured in windows after a warm-u
 
 Per level: output tokens/s, captions/s, time to first token, inter-token latency and request latency (p50, p90,
 p99). Every caption asks for --caption-tokens tokens with the end token ignored, so every caption is as long and
-one that comes back shorter, or fails, fails the level.
+one that comes back shorter, with other tokens than the same image captioned alone, or fails, fails the level.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import warnings
 import pytest
 
 from blip_triton_bench.baselines import BaselineError
-from blip_triton_bench.caption_load import measure_caption_level
+from blip_triton_bench.caption import CaptionerClient
+from blip_triton_bench.caption_load import CaptionRequest, measure_caption_level
 from blip_triton_bench.load import LoadLevel
 from blip_triton_bench.model import ModelDescription
 from blip_triton_bench.perf import PerfRun, UnstableMeasurement, enforce_verdict
@@ -33,15 +34,12 @@ def test_caption_load(
     perf_run: PerfRun,
     bench_session,
 ) -> None:
+    url, tokens = served_captioner.server.endpoints.grpc_url, bench_options.caption_tokens
     pixel_values = preprocess([load_image(IMAGE)], model_description)
-    measurement = measure_caption_level(
-        served_captioner.server.endpoints.grpc_url,
-        served_captioner.name,
-        pixel_values,
-        bench_options.caption_tokens,
-        caption_load_level,
-        perf_run.settings.load,
-    )
+    with CaptionerClient(url) as client:  # the caption every one under load must equal (alone: see test_captioner.py)
+        alone = client.caption(served_captioner.name, pixel_values, 0, tokens, True)
+    request = CaptionRequest(served_captioner.name, pixel_values, tokens, alone.generated_ids)
+    measurement = measure_caption_level(url, request, caption_load_level, perf_run.settings.load)
     bench_session.caption_load.append((served_captioner.name, measurement))
     errors = measurement.errors
     assert not errors, f"{len(errors)} caption(s) failed under {caption_load_level.level_id}; the first: {errors[0]}"

@@ -58,6 +58,14 @@ def test_a_range_of_two_million_levels_is_a_usage_error_naming_the_option_and_th
     check_options(options(concurrency="1:64", request_rate="10000"), REPOSITORY, ROOT, ci=False)  # at the limits
 
 
+def test_caption_load_levels_are_checked_before_anything_runs() -> None:
+    with pytest.raises(OptionError, match=r"^--caption-concurrency '2:1': need 0 < start <= end"):
+        check_options(options(caption_concurrency="2:1"), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match=r"^--caption-request-rate 'fast': expected start:end:step numbers"):
+        check_options(options(caption_request_rate="fast"), REPOSITORY, ROOT, ci=False)
+    check_options(options(caption_concurrency=None, caption_request_rate="0.5:2:0.5"), REPOSITORY, ROOT, ci=False)
+
+
 @pytest.mark.parametrize("store", ["baselines", "baselines/sub", "baselines/sub/../other"])
 def test_ci_records_into_no_folder_of_the_committed_baselines(store: str) -> None:
     with pytest.raises(OptionError, match=r"--update-baselines refused: CI is set .* or inside it"):

@@ -8,9 +8,11 @@ binding, so each step's present keys/values are the next step's past keys/values
 for a KIND_GPU instance), and the image's keys/values are bound once per change of the batch. Nothing crosses
 Triton's shared memory per token.
 
-One scheduler thread owns the decoder. At every step boundary, captions whose vision pass is done join (up to
-`max_active_captions`), captions that finished, failed or were cancelled leave; each row's cache is padded to the
-longest one and masked, with its own position ids. In decoupled mode each token is streamed as its own response
+One scheduler thread owns the decoder. At every step boundary, captions that finished, failed or were cancelled
+leave, and waiting captions join (up to `max_active_captions`): their vision passes run first, sent together so the
+vision model's batcher batches them, while the decoder waits (LLM servers' prefill-first scheduling; on a CPU, a
+vision pass and decoder steps running at once would only slow each other). Each row's cache is padded to the longest
+one and masked, with its own position ids. In decoupled mode each token is streamed as its own response
 (then a final empty one), so clients measure time to first token and inter-token latency.
 """
 
@@ -285,7 +287,7 @@ class TritonPythonModel:
             threads,
         )
         self.logger = pb_utils.Logger
-        self.ready: queue.Queue[Caption] = queue.Queue()
+        self.waiting: queue.Queue[Caption] = queue.Queue()  # accepted, vision pass not run yet
         self.stopping = threading.Event()
         self.vision_pool = ThreadPoolExecutor(self.max_active, thread_name_prefix="caption-vision")
         self.scheduler = threading.Thread(target=self._decode_loop, name="caption-decoder", daemon=True)
@@ -309,11 +311,11 @@ class TritonPythonModel:
         except Exception as error:  # one bad request answers itself and disturbs no other
             caption.finish(str(error))
             return caption
-        self.vision_pool.submit(self._encode, caption)
+        self.waiting.put(caption)
         return caption
 
     def _encode(self, caption: Caption) -> None:
-        """The caption's vision pass (BLS); then it waits in `ready` for the next step boundary."""
+        """The caption's vision pass (BLS); a failure answers the caption and leaves it out of the batch."""
         try:
             request = pb_utils.InferenceRequest(
                 model_name=self.vision_model,
@@ -328,8 +330,12 @@ class TritonPythonModel:
             caption.cross_keys, caption.cross_values = outputs
         except Exception as error:  # answered to its own client
             caption.finish(str(error))
-            return
-        self.ready.put(caption)
+
+    def _encode_together(self, captions: list[Caption]) -> list[Caption]:
+        """Every joining caption's vision pass at once (the vision model batches them); those that succeeded."""
+        for done in [self.vision_pool.submit(self._encode, caption) for caption in captions]:
+            done.result()
+        return [caption for caption in captions if not caption.finished]
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         captions = [self._accept(request) for request in requests]
@@ -341,11 +347,11 @@ class TritonPythonModel:
 
     # ---- the decoding loop ----
 
-    def _take_ready(self, free_slots: int, wait: bool) -> list[Caption]:
+    def _take_waiting(self, free_slots: int, wait: bool) -> list[Caption]:
         joining: list[Caption] = []
         while len(joining) < free_slots:
             try:
-                caption = self.ready.get(timeout=IDLE_POLL_S) if wait and not joining else self.ready.get_nowait()
+                caption = self.waiting.get(timeout=IDLE_POLL_S) if wait and not joining else self.waiting.get_nowait()
             except queue.Empty:
                 break
             if caption.cancelled():
@@ -376,7 +382,7 @@ class TritonPythonModel:
         while not self.stopping.is_set():
             leaving = self._leaving(active)
             staying = [caption for caption in active if caption not in leaving]
-            joining = self._take_ready(self.max_active - len(staying), wait=not staying)
+            joining = self._encode_together(self._take_waiting(self.max_active - len(staying), wait=not staying))
             if leaving or joining:
                 active = staying + joining
                 batch = self.decoder.regroup(batch, staying, joining) if active else None
