@@ -81,14 +81,16 @@ def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> 
     return value
 
 
-def _positive_int_parameter(config: dict[str, Any], key: str, default: int) -> int:
+def _int_parameter(config: dict[str, Any], key: str, default: int, minimum: int) -> int:
     text = _parameter(config, key, str(default))
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise CaptionError(f"config.pbtxt of '{config['name']}': parameters '{key}' is {text!r}; use an integer >= 1")
+        value = minimum - 1
+    if value < minimum:
+        raise CaptionError(
+            f"config.pbtxt of '{config['name']}': parameters '{key}' is {text!r}; use an integer >= {minimum}"
+        )
     return value
 
 
@@ -262,8 +264,9 @@ class TritonPythonModel:
         self.config = json.loads(args["model_config"])
         self.vision_model = _parameter(self.config, "vision_encoder_model")
         decoder_model = _parameter(self.config, "text_decoder_model")
-        self.max_active = _positive_int_parameter(self.config, "max_active_captions", DEFAULT_MAX_ACTIVE_CAPTIONS)
-        threads = int(_parameter(self.config, "decoder_intra_op_thread_count", "0"))
+        self.max_active = _int_parameter(self.config, "max_active_captions", DEFAULT_MAX_ACTIVE_CAPTIONS, 1)
+        # 0: ONNX Runtime's default (one thread per core)
+        threads = _int_parameter(self.config, "decoder_intra_op_thread_count", 0, 0)
         path = os.path.join(args["model_repository"], args["model_version"], GENERATION_CONFIG_FILENAME)
         try:
             with open(path, encoding="utf-8") as handle:
@@ -380,19 +383,21 @@ class TritonPythonModel:
         active: list[Caption] = []
         batch: DecoderBatch | None = None
         while not self.stopping.is_set():
-            leaving = self._leaving(active)
-            staying = [caption for caption in active if caption not in leaving]
-            joining = self._encode_together(self._take_waiting(self.max_active - len(staying), wait=not staying))
-            if leaving or joining:
-                active = staying + joining
-                batch = self.decoder.regroup(batch, staying, joining) if active else None
-            if batch is None:
-                continue
+            joining: list[Caption] = []
             try:
+                leaving = self._leaving(active)
+                staying = [caption for caption in active if caption not in leaving]
+                joining = self._encode_together(self._take_waiting(self.max_active - len(staying), wait=not staying))
+                if leaving or joining:
+                    active = staying + joining
+                    batch = self.decoder.regroup(batch, staying, joining) if active else None
+                if batch is None:
+                    continue
                 tokens = self.decoder.step(batch)
-            except Exception as error:  # the decoder itself failed: every caption in it is told
-                for caption in active:
-                    caption.finish(f"text decoder step failed: {error}")
+            except Exception as error:  # the decoder or its batch failed: every caption in it is told, the loop goes on
+                for caption in {*active, *joining}:
+                    if not caption.finished:
+                        caption.finish(f"text decoder step failed: {error}")
                 active, batch = [], None
                 continue
             for caption, token in zip(active, tokens.tolist(), strict=True):
