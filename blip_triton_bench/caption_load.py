@@ -3,17 +3,19 @@
 warm-up, with the logits levels' stability rule.
 
 Each caption asks for the same number of tokens with the end token ignored, so every caption is as long. A window
-counts the tokens that arrived in it (output tokens/s, fine-grained even when a window ends only a few captions)
-and the captions that ended in it (time to first token, inter-token latency and request latency, percentiles over
-every caption of the judged windows, never averaged across windows).
+holds the captions that ended in it (time to first token, inter-token latency and request latency, percentiles over
+every caption of the judged windows, never averaged across windows) and the tokens that arrived in it. Output
+tokens/s comes from Little's law in closed loop (continuous, and blind to the lockstep bursts of captions that run
+together) and from token arrivals in open loop.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,11 +35,9 @@ from blip_triton_bench.load import (
 )
 from blip_triton_bench.stats import (
     Stability,
-    WindowSample,
-    assess_stability,
     latency_percentile,
-    needs_more_windows,
     spread_pct,
+    variation_pct,
 )
 
 CAPTION_CONCURRENCY = "caption_concurrency"
@@ -97,15 +97,49 @@ class CaptionWindow:
     duration_s: float
     token_gaps_ms: tuple[float, ...]  # per token that arrived in the window: the time since its caption's previous one
     captions: tuple[CaptionRecord, ...]  # ended in this window, failed ones included
+    tokens_per_caption: int
+    concurrency: int | None = None  # closed loop: the captions kept in flight; None in open loop
+
+    @property
+    def mean_latency_ms(self) -> float:
+        latencies = [record.latency_ms for record in self.captions if record.error is None]
+        return float(np.mean(latencies)) if latencies else math.nan
 
     @property
     def tokens_per_s(self) -> float:
+        """Closed loop: Little's law, concurrency x tokens per caption / mean caption latency. Captions kept in
+        flight together tend to run in lockstep (they join a decoder step together and finish together), so their
+        tokens arrive in bursts as long apart as a caption takes; counting arrivals would then read one burst or two
+        per window. Open loop (or a window no caption ended in): the tokens that arrived, per second."""
+        if self.concurrency is not None and math.isfinite(self.mean_latency_ms):
+            return self.concurrency * self.tokens_per_caption / (self.mean_latency_ms / 1000.0)
         return len(self.token_gaps_ms) / self.duration_s
 
-    def as_sample(self) -> WindowSample:
-        """For the stability rule: throughput in tokens/s, latency the mean gap before a token."""
-        failed = sum(record.error is not None for record in self.captions)
-        return WindowSample(self.start_s, self.duration_s, self.token_gaps_ms, failed)
+
+def caption_stability(windows: Sequence[CaptionWindow], stability_windows: int, stability_pct: float) -> Stability:
+    """perf_analyzer's rule on the last `stability_windows` windows: each ended a caption, and output tokens/s and
+    mean caption latency each vary by at most `stability_pct` (max / min - 1)."""
+    indices = tuple(range(max(0, len(windows) - stability_windows), len(windows)))
+    judged = [windows[index] for index in indices]
+    throughputs = [window.tokens_per_s for window in judged]
+    latencies = [window.mean_latency_ms for window in judged]
+    throughput_variation = variation_pct(throughputs) if judged else math.nan
+    latency_variation = variation_pct(latencies) if judged else math.nan
+    span = f"across the last {stability_windows} windows (limit {stability_pct:g}%)"
+    reason = (
+        f"output tokens/s varied {throughput_variation:.1f}% and mean caption latency {latency_variation:.1f}% {span}"
+    )
+    if len(windows) < stability_windows:
+        reason = f"only {len(windows)} window(s) measured; stability needs the last {stability_windows}"
+    elif any(not math.isfinite(latency) for latency in latencies):
+        reason = "a judged window ended no caption; lengthen --window-s"
+    stable = (
+        len(windows) >= stability_windows
+        and all(math.isfinite(latency) for latency in latencies)
+        and throughput_variation <= stability_pct
+        and latency_variation <= stability_pct
+    )
+    return Stability(stable, indices, reason, throughput_variation, latency_variation)
 
 
 @dataclass(frozen=True)
@@ -186,8 +220,10 @@ class _InFlight:
 class _Recorder:
     """Captions as they end and tokens as they arrive, shared by the load threads and the window clock."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens_per_caption: int, concurrency: int | None) -> None:
         self._lock = threading.Lock()
+        self._tokens_per_caption = tokens_per_caption
+        self._concurrency = concurrency
         self.records: list[CaptionRecord] = []
         self.tokens: list[tuple[float, float]] = []  # (arrived_s, gap_ms)
 
@@ -203,7 +239,7 @@ class _Recorder:
         with self._lock:
             gaps = tuple(gap for arrived, gap in self.tokens if start_s <= arrived < end_s)
             ended = tuple(r for r in self.records if start_s <= r.ended_s < end_s)
-        return CaptionWindow(start_s, end_s - start_s, gaps, ended)
+        return CaptionWindow(start_s, end_s - start_s, gaps, ended, self._tokens_per_caption, self._concurrency)
 
 
 @dataclass(frozen=True)
@@ -246,9 +282,8 @@ def _measure_windows(recorder: _Recorder, settings: LoadSettings, started_s: flo
     windows: list[CaptionWindow] = []
     start = started_s + settings.warmup_s
     time.sleep(max(0.0, start - time.perf_counter()))
-    samples: list[WindowSample] = []
-    while not samples or needs_more_windows(
-        samples, settings.max_windows, settings.stability_windows, settings.stability_pct
+    while len(windows) < settings.max_windows and (
+        not windows or not caption_stability(windows, settings.stability_windows, settings.stability_pct).stable
     ):
         end = start + settings.window_s
         longest = start + settings.window_s * MAX_WINDOW_STRETCH
@@ -259,7 +294,6 @@ def _measure_windows(recorder: _Recorder, settings: LoadSettings, started_s: flo
                 break
             end = min(longest, end + settings.window_s / 2)
         windows.append(window)
-        samples.append(window.as_sample())
         start = end
     return windows
 
@@ -335,7 +369,8 @@ def measure_caption_level(
     """Run one caption load level against a streamed captioner over gRPC and measure it in windows."""
     if request.tokens < 1:
         raise LoadSpecError(f"--caption-tokens {request.tokens}: ask for at least 1 token per caption")
-    recorder = _Recorder()
+    closed_loop = level.mode == CAPTION_CONCURRENCY
+    recorder = _Recorder(request.tokens, int(level.value) if closed_loop else None)
     started = time.perf_counter()
     if level.mode == CAPTION_CONCURRENCY:
         load = _closed_loop(url, request, int(level.value), recorder)
@@ -346,9 +381,7 @@ def measure_caption_level(
     with load as in_flight:
         windows = _measure_windows(recorder, settings, started)
         unfinished = in_flight()
-    stability = assess_stability(
-        [window.as_sample() for window in windows], settings.stability_windows, settings.stability_pct
-    )
+    stability = caption_stability(windows, settings.stability_windows, settings.stability_pct)
     return CaptionLevelMeasurement(level, request.tokens, tuple(windows), stability, unfinished)
 
 

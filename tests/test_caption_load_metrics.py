@@ -13,10 +13,10 @@ from blip_triton_bench.caption_load import (
     CaptionRecord,
     CaptionWindow,
     caption_levels,
+    caption_stability,
 )
 from blip_triton_bench.load import LoadLevel, LoadSpecError
 from blip_triton_bench.report.text import caption_load_table, caption_scaling_lines
-from blip_triton_bench.stats import assess_stability
 
 
 def record(asked_s: float, first_s: float, gap_s: float, tokens: int, error: str | None = None) -> CaptionRecord:
@@ -53,12 +53,13 @@ def test_a_captions_timings_are_genai_perfs() -> None:
 
 
 def measurement(windows: list[CaptionWindow], tokens: int = 5) -> CaptionLevelMeasurement:
-    stability = assess_stability([window.as_sample() for window in windows], 3, 10.0)
+    stability = caption_stability(windows, 3, 10.0)
     return CaptionLevelMeasurement(LoadLevel(CAPTION_CONCURRENCY, 2), tokens, tuple(windows), stability)
 
 
 def window(start_s: float, tokens: int, captions: tuple[CaptionRecord, ...]) -> CaptionWindow:
-    return CaptionWindow(start_s, 1.0, (20.0,) * tokens, captions)
+    """An open-loop window: tokens/s is the tokens that arrived in it."""
+    return CaptionWindow(start_s, 1.0, (20.0,) * tokens, captions, 5)
 
 
 def test_metrics_pool_the_judged_windows_captions_and_take_tokens_per_second_from_arrivals() -> None:
@@ -101,3 +102,25 @@ def test_the_report_names_each_level_and_the_scaling_from_concurrency_one() -> N
         "blip_caption: 3.00x the output tokens/s at caption concurrency 4 as at 1 (same run; in-flight batching "
         "shares each decoder step)"
     ]
+
+
+def test_closed_loop_throughput_is_littles_law_so_lockstep_bursts_do_not_alias_with_the_windows() -> None:
+    """Four captions that run together finish together every 4 s: a 5 s window holds one burst of 20 tokens or two.
+    Counted by arrivals the windows read 4 or 8 tokens/s; Little's law reads 4 x 5 tokens / 4 s = 5 tokens/s in each."""
+    burst = tuple(record(0.0, 3.0, 0.25, 5) for _ in range(4))  # asked at 0, tokens 3.0 .. 4.0: 4 s each
+    one_burst = CaptionWindow(0.0, 5.0, (250.0,) * 20, burst, 5, concurrency=4)
+    two_bursts = CaptionWindow(5.0, 5.0, (250.0,) * 40, burst + burst, 5, concurrency=4)
+    assert one_burst.tokens_per_s == two_bursts.tokens_per_s == pytest.approx(5.0)
+    stability = caption_stability([one_burst, two_bursts, one_burst], 3, 10.0)
+    assert stability.stable, stability.reason
+    open_loop = CaptionWindow(0.0, 5.0, (250.0,) * 20, burst, 5)
+    assert open_loop.tokens_per_s == 4.0
+
+
+def test_a_window_without_an_ended_caption_is_not_stable() -> None:
+    empty = CaptionWindow(0.0, 1.0, (20.0,) * 10, (), 5, concurrency=2)
+    full = CaptionWindow(1.0, 1.0, (20.0,) * 10, (record(1.0, 1.1, 0.05, 5),), 5, concurrency=2)
+    stability = caption_stability([full, empty, full], 3, 10.0)
+    assert not stability.stable
+    assert "ended no caption" in stability.reason
+    assert not caption_stability([full, full], 3, 10.0).stable  # too few windows
