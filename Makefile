@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(ORT_STAMP)
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	# Neither ONNX Runtime build first, so switching ORT never leaves the other's files under `onnxruntime/`.
 	$(PYTHON) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu
-	$(PYTHON) -m pip install --quiet -e '.[dev,$(ORT)]'
+	$(PYTHON) -m pip install --quiet -e '.[dev,cluster,$(ORT)]'
 	rm -f $(VENV)/.onnxruntime-*
 	touch $(ORT_STAMP) $(STAMP)
 

@@ -8,25 +8,31 @@ each pair cancels the drift, and the test is made on those ratios (Chromium's Pi
 way; google-benchmark's compare.py tests with Mann-Whitney, which treats the samples as unpaired).
 
 The order inside each pair alternates (before-after, then after-before, ...), so a trend within a pair
-favours neither side. Pure statistics in `judge_ab`; `measure_ab` runs the rounds.
+favours neither side. Pure statistics in `judge_ab`; `alternate_rounds` runs the rounds, of inference requests
+(`request_round`) or of streamed captions (`caption_round`); ab_sides.py says where each side is served.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import stats as scipy_stats
-from tritonclient.grpc import model_config_pb2
 
+from blip_triton_bench.ab_sides import ABSide, ReferenceRepository, ReferenceServer
+from blip_triton_bench.caption import CaptionerClient
+from blip_triton_bench.caption_load import CaptionRequest, measure_caption_level
 from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings, measure_level
-from blip_triton_bench.repository import Variant, stage_generated
+from blip_triton_bench.repository import Variant
 from blip_triton_bench.servers.base import RunningServer, ServerStartError
 from blip_triton_bench.verdict import SIGNIFICANCE_P, VerdictStatus
 from blip_triton_bench.workload import ModelInputs
+
+if TYPE_CHECKING:
+    from blip_triton_bench.load_workers import WorkerPool
 
 #: The smallest change an A/B run calls a regression unless --tolerance-pct says otherwise. Lower than the
 #: stored-baseline tolerance (10 %, which has to absorb the host's drift between runs): pairing cancels that
@@ -34,7 +40,8 @@ from blip_triton_bench.workload import ModelInputs
 DEFAULT_AB_MIN_EFFECT_PCT = 5.0
 #: Fewer pairs can never reach p < 0.05 one-sided with the signed-rank test (its smallest p is 1 / 2^n).
 MIN_AB_ROUNDS = 5
-BEFORE_SUFFIX = "__before"
+THROUGHPUT_UNIT = "infer/s"
+CAPTION_THROUGHPUT_UNIT = "output tokens/s"
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class ABVerdict:
     """After against before for one level. Percentages are of throughput (higher is better): `effect_pct`
     negative means after is slower."""
 
-    before_per_round: tuple[float, ...]  # infer/s of each before round, in round order
+    before_per_round: tuple[float, ...]  # throughput of each before round (in `unit`), in round order
     after_per_round: tuple[float, ...]
     effect_pct: float  # geometric mean of after/before over the pairs, minus 1, in %
     ci_low_pct: float  # its 95 % confidence interval (t interval on the log ratios)
@@ -52,6 +59,7 @@ class ABVerdict:
     min_effect_pct: float
     status: VerdictStatus
     message: str
+    unit: str = THROUGHPUT_UNIT
 
     @property
     def rounds(self) -> int:
@@ -63,8 +71,9 @@ class ABVerdict:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "before_infer_per_s_per_round": list(self.before_per_round),
-            "after_infer_per_s_per_round": list(self.after_per_round),
+            "unit": self.unit,
+            "before_per_round": list(self.before_per_round),
+            "after_per_round": list(self.after_per_round),
             "effect_pct": self.effect_pct,
             "ci95_pct": [self.ci_low_pct, self.ci_high_pct],
             "p_value": self.p_value,
@@ -75,8 +84,10 @@ class ABVerdict:
         }
 
 
-def judge_ab(before: Sequence[float], after: Sequence[float], min_effect_pct: float) -> ABVerdict:
-    """Judge paired rounds (before[i] and after[i] measured back to back).
+def judge_ab(
+    before: Sequence[float], after: Sequence[float], min_effect_pct: float, unit: str = THROUGHPUT_UNIT
+) -> ABVerdict:
+    """Judge paired rounds (before[i] and after[i] measured back to back) of a throughput in `unit`.
 
     REGRESSION: after is slower by more than `min_effect_pct` (the geometric-mean ratio) AND the one-sided
     Wilcoxon signed-rank test of log(after/before) gives p < 0.05. Slower beyond the minimum but not significant:
@@ -85,7 +96,7 @@ def judge_ab(before: Sequence[float], after: Sequence[float], min_effect_pct: fl
     if len(before) != len(after) or len(before) < 2:
         raise ValueError(f"judge_ab needs paired rounds, at least 2 (got {len(before)} before, {len(after)} after)")
     if min(before) <= 0 or min(after) <= 0:
-        raise ValueError("every round must have completed requests (infer/s above 0)")
+        raise ValueError(f"every round must have completed requests ({unit} above 0)")
     logs = np.log(np.asarray(after, dtype=float) / np.asarray(before, dtype=float))
     mean, n = float(np.mean(logs)), len(logs)
     half_width = float(scipy_stats.t.ppf(0.975, n - 1) * np.std(logs, ddof=1) / math.sqrt(n))
@@ -111,7 +122,7 @@ def judge_ab(before: Sequence[float], after: Sequence[float], min_effect_pct: fl
     message = (
         f"after vs before, throughput over {n} interleaved rounds: {effect:+.1f}% "
         f"(95% CI {low:+.1f}% to {high:+.1f}%; before median {np.median(before):.2f}, after median "
-        f"{np.median(after):.2f} infer/s), Wilcoxon signed-rank one-sided p {slower_p:.3g}, minimum effect "
+        f"{np.median(after):.2f} {unit}), Wilcoxon signed-rank one-sided p {slower_p:.3g}, minimum effect "
         f"{min_effect_pct:g}% -> {outcome}; detects >= {detectable:.1f}%"
     )
     return ABVerdict(
@@ -125,6 +136,7 @@ def judge_ab(before: Sequence[float], after: Sequence[float], min_effect_pct: fl
         min_effect_pct=min_effect_pct,
         status=status,
         message=message,
+        unit=unit,
     )
 
 
@@ -136,7 +148,8 @@ def _signed_rank_p(logs: np.ndarray, alternative: str) -> float:
 
 @dataclass(frozen=True)
 class ABLevel:
-    """One level measured both ways: the verdict and each side's p99 over all its rounds' requests."""
+    """One level measured both ways: the verdict and each side's p99 latency (of a request, or of a whole
+    caption) over all its rounds."""
 
     variant: str
     level: LoadLevel
@@ -158,6 +171,22 @@ class ABLevel:
         }
 
 
+@dataclass(frozen=True)
+class SideRounds:
+    """One side's rounds: the throughput of each, in round order, and the latencies of all they completed."""
+
+    per_round: list[float]
+    latencies_ms: list[float]
+
+    @property
+    def p99_ms(self) -> float:
+        return float(np.percentile(self.latencies_ms, 99)) if self.latencies_ms else math.nan
+
+
+class ABRoundFailed(RuntimeError):
+    """A round's requests failed or came back wrong: no verdict on speed is given for wrong answers."""
+
+
 def round_settings(load: LoadSettings) -> LoadSettings:
     """A round: the level's warm-up, then 2 windows, no stability rule (the pairs are the repeated measurement)."""
     return replace(load, max_windows=2, stability_windows=2, stability_pct=100.0)
@@ -175,98 +204,64 @@ def round_throughput(level: LoadLevel, latencies_ms: Sequence[float], duration_s
     return len(latencies_ms) / duration_s
 
 
-@dataclass(frozen=True)
-class ABSide:
-    """Where one side of the comparison is served: an endpoint (of the protocol the run uses) and a model name."""
-
-    url: str
-    model: str
+#: One round of one side: its throughput and the latencies it completed.
+RoundMeasure = Callable[[ABSide], tuple[float, list[float]]]
 
 
-def measure_ab(
-    before: ABSide,
-    after: ABSide,
+def alternate_rounds(before: ABSide, after: ABSide, rounds: int, measure: RoundMeasure) -> tuple[SideRounds, ...]:
+    """`rounds` pairs, the order inside each pair alternating (before-after, then after-before, ...), so a trend
+    within a pair favours neither side."""
+    sides = {before: SideRounds([], []), after: SideRounds([], [])}
+    for index in range(rounds):
+        for side in (before, after) if index % 2 == 0 else (after, before):
+            throughput, latencies_ms = measure(side)
+            sides[side].per_round.append(throughput)
+            sides[side].latencies_ms.extend(latencies_ms)
+    return sides[before], sides[after]
+
+
+def request_round(
     inputs: ModelInputs,
     level: LoadLevel,
     load: LoadSettings,
-    rounds: int,
-    liveness: Callable[[], str | None] | None = None,
-) -> tuple[list[float], list[float], float, float]:
-    """Alternate rounds of `before` and `after` at `level`; per side, infer/s of each round and the p99 over all
-    its requests. Raises load.LevelAborted as a level does when a server goes away."""
-    per_round: dict[ABSide, list[float]] = {before: [], after: []}
-    latencies: dict[ABSide, list[float]] = {before: [], after: []}
+    liveness: Callable[[], str | None] | None,
+    workers: WorkerPool | None = None,
+) -> RoundMeasure:
+    """A round of inference requests at `level` (from `workers` when given): infer/s and request latencies. Raises
+    load.LevelAborted as a level does when a server goes away."""
     settings = round_settings(load)
-    for index in range(rounds):
-        for side in (before, after) if index % 2 == 0 else (after, before):
-            windows = measure_level(side.url, side.model, inputs, level, settings, liveness).windows
-            completed = [latency for window in windows for latency in window.latencies_ms]
-            per_round[side].append(round_throughput(level, completed, sum(window.duration_s for window in windows)))
-            latencies[side].extend(completed)
-    p99 = {side: float(np.percentile(values, 99)) if values else math.nan for side, values in latencies.items()}
-    return per_round[before], per_round[after], p99[before], p99[after]
+
+    def measure(side: ABSide) -> tuple[float, list[float]]:
+        url = side.url(load.protocol)
+        windows = measure_level(url, side.model, inputs, level, settings, liveness, workers).windows
+        completed = [latency for window in windows for latency in window.latencies_ms]
+        return round_throughput(level, completed, sum(window.duration_s for window in windows)), completed
+
+    return measure
 
 
-def protocol_url(server: RunningServer, protocol: str) -> str:
-    return server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url
+def caption_round(requests: dict[ABSide, CaptionRequest], level: LoadLevel, load: LoadSettings) -> RoundMeasure:
+    """A round of streamed captions at `level` (gRPC): output tokens/s and caption latencies. Each side's captions
+    must come back as that side's own caption of the image alone; a failed or different one fails the level."""
+    settings = round_settings(load)
 
+    def measure(side: ABSide) -> tuple[float, list[float]]:
+        measurement = measure_caption_level(side.url("grpc"), requests[side], level, settings)
+        if errors := measurement.errors:
+            raise ABRoundFailed(f"{len(errors)} caption(s) of {side.model} failed in a round; the first: {errors[0]}")
+        captions = measurement.captions
+        if not captions:
+            raise ABRoundFailed(f"no caption of {side.model} ended in a round's windows; lengthen --window-s")
+        throughput = measurement.metrics()["output_token_throughput_per_s"]
+        return throughput, [record.latency_ms for record in captions]
 
-class ReferenceRepository:
-    """'Before' = another repository's variant of the same name, staged beside it as `<name>__before` on the same
-    server: what a config or model change is judged by."""
-
-    def __init__(
-        self,
-        server: RunningServer,
-        staged_root: Path,
-        reference: Mapping[str, Variant],
-        files_for: Callable[[Variant], Sequence[Path]],
-        protocol: str,
-    ) -> None:
-        self.server = server
-        self.staged_root = staged_root
-        self.reference = reference
-        self.files_for = files_for
-        self.protocol = protocol
-
-    def prepare(self, variant: Variant) -> ABSide:
-        reference = self.reference[variant.name]
-        config = model_config_pb2.ModelConfig()
-        config.CopyFrom(reference.config)
-        config.name = f"{reference.name}{BEFORE_SUFFIX}"
-        if reference.own_model_files:
-            files: Sequence[Path] = [path for path in reference.own_model_files if path.is_file()]
-        else:
-            files = self.files_for(reference)
-        stage_generated(self.staged_root, config, files, reference.model_filename)
-        self.server.load_model(config.name)
-        return ABSide(protocol_url(self.server, self.protocol), config.name)
-
-    def liveness(self) -> str | None:
-        return None  # the same server as after's, which the run already watches
-
-
-class ReferenceServer:
-    """'Before' = the same variant on another server (an older Triton image, or a server at
-    --reference-triton-url): what a server upgrade is judged by. A server the suite started gets the variant
-    loaded; an external one must serve it already, configured as the repository says."""
-
-    def __init__(self, server: RunningServer, protocol: str) -> None:
-        self.server = server
-        self.protocol = protocol
-
-    def prepare(self, variant: Variant) -> ABSide:
-        self.server.prepare_variant(variant)
-        return ABSide(protocol_url(self.server, self.protocol), variant.name)
-
-    def liveness(self) -> str | None:
-        cause = self.server.liveness()
-        return None if cause is None else f"the reference server: {cause}"
+    return measure
 
 
 class ABRun:
-    """The session's A/B comparison: each level of each selected variant measured against its 'before' side
-    (a ReferenceRepository or a ReferenceServer), prepared on first use."""
+    """The session's A/B comparison: each level of each selected variant (and each caption level of each
+    captioner) measured against its 'before' side (a ReferenceRepository or a ReferenceServer), prepared on first
+    use."""
 
     def __init__(
         self,
@@ -276,7 +271,9 @@ class ABRun:
         load: LoadSettings,
         rounds: int,
         min_effect_pct: float,
+        workers: WorkerPool | None = None,
     ) -> None:
+        self.workers = workers
         self.server = server
         self.before = before
         self.inputs = inputs
@@ -302,24 +299,28 @@ class ABRun:
         return self.server.liveness() or self.before.liveness()
 
     def run_level(self, variant: Variant, level: LoadLevel) -> ABLevel:
-        before = self.before_side(variant)
-        after = ABSide(protocol_url(self.server, self.load.protocol), variant.name)
-        before_rounds, after_rounds, before_p99, after_p99 = measure_ab(
-            before, after, self.inputs, level, self.load, self.rounds, self.liveness
-        )
-        verdict = judge_ab(before_rounds, after_rounds, self.min_effect_pct)
-        result = ABLevel(variant.name, level, verdict, before_p99, after_p99)
+        before, after = self.before_side(variant), ABSide(self.server, variant.name)
+        measure = request_round(self.inputs, level, self.load, self.liveness, self.workers)
+        return self._judged(variant, level, *alternate_rounds(before, after, self.rounds, measure), THROUGHPUT_UNIT)
+
+    def run_caption_level(self, variant: Variant, level: LoadLevel, pixel_values: np.ndarray, tokens: int) -> ABLevel:
+        """A caption load level both ways. Each side's captions are checked against its own caption of the image
+        alone (a change may change the caption; this compares speed, and correctness has its own tests)."""
+        before, after = self.before_side(variant), ABSide(self.server, variant.name)
+        requests = {side: caption_request(side, pixel_values, tokens) for side in (before, after)}
+        measure = caption_round(requests, level, self.load)
+        rounds = alternate_rounds(before, after, self.rounds, measure)
+        return self._judged(variant, level, *rounds, CAPTION_THROUGHPUT_UNIT)
+
+    def _judged(self, variant: Variant, level: LoadLevel, before: SideRounds, after: SideRounds, unit: str) -> ABLevel:
+        verdict = judge_ab(before.per_round, after.per_round, self.min_effect_pct, unit)
+        result = ABLevel(variant.name, level, verdict, before.p99_ms, after.p99_ms)
         self.results.append(result)
         return result
 
 
-def reference_problem(variant: Variant, reference: Mapping[str, Variant], reference_root: Path) -> str | None:
-    """Why `variant` cannot be compared with the reference repository; None when it can."""
-    found = reference.get(variant.name)
-    if found is None:
-        return f"the reference repository {reference_root} has no variant {variant.name}: nothing to compare with"
-    if found.role != variant.role:
-        return f"{found.config_path} does not serve {variant.role} as {variant.config_path} does"
-    if found.composing_models:
-        return f"{found.config_path} calls other models; A/B compares single-model variants"
-    return None
+def caption_request(side: ABSide, pixel_values: np.ndarray, tokens: int) -> CaptionRequest:
+    """What every caption of a side asks for, with the tokens it must come back with: the side's caption alone."""
+    with CaptionerClient(side.url("grpc")) as client:
+        alone = client.caption(side.model, pixel_values, 0, tokens, True)
+    return CaptionRequest(side.model, pixel_values, tokens, alone.generated_ids)

@@ -95,7 +95,7 @@ class CaptionRecord:
 class CaptionWindow:
     start_s: float
     duration_s: float
-    token_gaps_ms: tuple[float, ...]  # per token that arrived in the window: the time since its caption's previous one
+    tokens_arrived: int  # tokens of any caption, finished or still streaming, that arrived in the window
     captions: tuple[CaptionRecord, ...]  # ended in this window, failed ones included
     tokens_per_caption: int
     concurrency: int | None = None  # closed loop: the captions kept in flight; None in open loop
@@ -113,7 +113,7 @@ class CaptionWindow:
         per window. Open loop (or a window no caption ended in): the tokens that arrived, per second."""
         if self.concurrency is not None and math.isfinite(self.mean_latency_ms):
             return self.concurrency * self.tokens_per_caption / (self.mean_latency_ms / 1000.0)
-        return len(self.token_gaps_ms) / self.duration_s
+        return self.tokens_arrived / self.duration_s
 
 
 def caption_stability(windows: Sequence[CaptionWindow], stability_windows: int, stability_pct: float) -> Stability:
@@ -148,7 +148,6 @@ class CaptionLevelMeasurement:
     tokens_per_caption: int
     windows: tuple[CaptionWindow, ...]
     stability: Stability
-    unfinished: int = 0  # captions still streaming when the level stopped
 
     @property
     def judged(self) -> list[CaptionWindow]:
@@ -225,11 +224,11 @@ class _Recorder:
         self._tokens_per_caption = tokens_per_caption
         self._concurrency = concurrency
         self.records: list[CaptionRecord] = []
-        self.tokens: list[tuple[float, float]] = []  # (arrived_s, gap_ms)
+        self.token_arrivals_s: list[float] = []
 
-    def token(self, arrived_s: float, gap_ms: float) -> None:
+    def token(self, arrived_s: float) -> None:
         with self._lock:
-            self.tokens.append((arrived_s, gap_ms))
+            self.token_arrivals_s.append(arrived_s)
 
     def caption(self, record: CaptionRecord) -> None:
         with self._lock:
@@ -237,9 +236,9 @@ class _Recorder:
 
     def window(self, start_s: float, end_s: float) -> CaptionWindow:
         with self._lock:
-            gaps = tuple(gap for arrived, gap in self.tokens if start_s <= arrived < end_s)
+            arrived = sum(start_s <= arrived_s < end_s for arrived_s in self.token_arrivals_s)
             ended = tuple(r for r in self.records if start_s <= r.ended_s < end_s)
-        return CaptionWindow(start_s, end_s - start_s, gaps, ended, self._tokens_per_caption, self._concurrency)
+        return CaptionWindow(start_s, end_s - start_s, arrived, ended, self._tokens_per_caption, self._concurrency)
 
 
 @dataclass(frozen=True)
@@ -258,9 +257,8 @@ def _one_caption(client: CaptionerClient, request: CaptionRequest, asked_s: floa
         sent = client.send(model_name, request.pixel_values, tokens, ignore_eos=True)
         arrivals: list[float] = []
 
-        def arrived(arrived_s: float, gap_ms: float) -> None:
-            # the first gap counts from when the caption was asked for (scheduled, in open loop)
-            recorder.token(arrived_s, gap_ms if arrivals else (arrived_s - asked_s) * 1000.0)
+        def arrived(arrived_s: float) -> None:
+            recorder.token(arrived_s)
             arrivals.append(arrived_s)
 
         caption = client.receive(model_name, 0, sent, on_token=arrived)
@@ -311,7 +309,7 @@ def _closed_loop(url: str, request: CaptionRequest, concurrency: int, recorder: 
     for thread in threads:
         thread.start()
     try:
-        yield lambda: sum(thread.is_alive() for thread in threads)
+        yield
     finally:
         stopping.set()
         for thread in threads:  # each ends its current caption, so the next level starts on an idle server
@@ -354,7 +352,7 @@ def _open_loop(url: str, request: CaptionRequest, rate: float, settings: LoadSet
     dispatcher = threading.Thread(target=dispatch, name="caption-dispatch", daemon=True)
     dispatcher.start()
     try:
-        yield lambda: in_flight.count
+        yield
     finally:
         stopping.set()
         dispatcher.join()
@@ -378,11 +376,10 @@ def measure_caption_level(
         load = _open_loop(url, request, float(level.value), settings, recorder)
     else:
         raise LoadSpecError(f"not a caption load level: {level.level_id}")
-    with load as in_flight:
+    with load:
         windows = _measure_windows(recorder, settings, started)
-        unfinished = in_flight()
     stability = caption_stability(windows, settings.stability_windows, settings.stability_pct)
-    return CaptionLevelMeasurement(level, request.tokens, tuple(windows), stability, unfinished)
+    return CaptionLevelMeasurement(level, request.tokens, tuple(windows), stability)
 
 
 def caption_levels(concurrency: str | None, request_rate: str | None) -> Iterator[LoadLevel]:

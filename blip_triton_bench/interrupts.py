@@ -1,8 +1,10 @@
-"""SIGTERM handled as Ctrl-C, so a CI job that is cancelled unwinds (and stops its servers) like a person's Ctrl-C."""
+"""How the suite's processes end: SIGTERM handled as Ctrl-C, so a CI job that is cancelled unwinds (and stops its
+servers) like a person's Ctrl-C; and child processes that die with the process that started them."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import threading
 from collections.abc import Iterator
@@ -23,3 +25,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def die_with_parent() -> None:
+    """In a child process: get SIGKILL when the parent dies, so a killed pytest never leaves a server or a load
+    worker behind."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)

@@ -1,17 +1,22 @@
-"""Before vs after in one run (--reference-repository): each level of each selected variant measured in
-alternating rounds against the reference repository's variant of the same name, on the same server, and
-judged by a paired test of after against before. Needs no baseline and records nothing."""
+"""Before vs after in one run (--reference-repository, --reference-triton-url, --reference-triton-image): each level
+of each selected variant, and each caption load level of each captioner, measured in alternating rounds against
+the 'before' side's variant of the same name, and judged by a paired test of after against before. Needs no
+baseline and records nothing."""
 
 from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.ab import ABRun
+from blip_triton_bench.ab import ABLevel, ABRoundFailed, ABRun
 from blip_triton_bench.load import LevelAborted, LoadLevel
+from blip_triton_bench.model import ModelDescription
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.served import ServedVariant
+from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = [pytest.mark.perf, pytest.mark.ab]
+
+IMAGE = "astronaut"
 
 
 def test_after_vs_before(served_variant: ServedVariant, load_level: LoadLevel, ab_run: ABRun) -> None:
@@ -21,9 +26,31 @@ def test_after_vs_before(served_variant: ServedVariant, load_level: LoadLevel, a
         pytest.fail(f"the 'before' side could not be prepared: {error}", pytrace=False)
     except LevelAborted as aborted:
         pytest.fail(f"{aborted} during {served_variant.name} {load_level.level_id} (A/B)", pytrace=False)
+    fail_on_regression(compared)
+
+
+def test_caption_after_vs_before(
+    served_captioner: ServedVariant,
+    caption_load_level: LoadLevel,
+    ab_run: ABRun,
+    model_description: ModelDescription,
+    bench_options,
+) -> None:
+    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    try:
+        compared = ab_run.run_caption_level(
+            served_captioner.variant, caption_load_level, pixel_values, bench_options.caption_tokens
+        )
+    except ServerStartError as error:
+        pytest.fail(f"the 'before' side could not be prepared: {error}", pytrace=False)
+    except ABRoundFailed as failed:
+        pytest.fail(f"{served_captioner.name} {caption_load_level.level_id} (A/B): {failed}", pytrace=False)
+    fail_on_regression(compared)
+
+
+def fail_on_regression(compared: ABLevel) -> None:
     if compared.verdict.failed:
         pytest.fail(
-            f"{served_variant.name} {load_level.level_id} regressed against the reference repository: "
-            f"{compared.verdict.message}",
+            f"{compared.variant} {compared.level_id} regressed against the reference: {compared.verdict.message}",
             pytrace=False,
         )

@@ -43,6 +43,7 @@ def test_batching_and_instance_sweep(
     bench_options,
     bench_session,
     server_choice: ServerChoice,
+    load_workers,
 ) -> None:
     if server_choice.kind == "external":
         pytest.skip("--server external: the sweep writes configs into the server's repository, which it does not own")
@@ -92,6 +93,7 @@ def test_batching_and_instance_sweep(
             concurrency_levels(bench_options.sweep_concurrency),
             PerfSettings.from_options(bench_options).load,
             bench_session.model_loads.__setitem__,
+            load_workers,
         )
 
     result = run_sweep(points, measure_point, write_progress)

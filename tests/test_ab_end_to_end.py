@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +19,15 @@ SEED_CONFIG = SEED_REPOSITORY / "base_model_cpu" / "config.pbtxt"
 QUICK_AB = ("--concurrency", "1", "--window-s", "1", "--warmup-s", "0.5", "--ab-rounds", "6")
 
 
-def run_ab(after: Path, reports: Path, *extra: str, reference: tuple[str, ...] | None = None):
+def run_ab(
+    after: Path, reports: Path, *extra: str, reference: tuple[str, ...] | None = None, variant: str = "base_model_cpu"
+):
     """The A/B test against the seed repository (or the `reference` options given), as a user types it."""
     before = (f"--reference-repository={SEED_REPOSITORY}",) if reference is None else reference
     return subprocess.run(
         [
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfs",
-            "--model", "tiny", "--server", "local", "--variant", "base_model_cpu",
+            "--model", "tiny", "--server", "local", "--variant", variant,
             f"--model-repository={after}", *before,
             f"--report-dir={reports}", *QUICK_AB, "suite/test_ab.py", *extra,
         ],
@@ -52,7 +55,7 @@ def test_a_slowed_repository_fails_against_the_seed_and_an_unchanged_copy_passes
     regressed = run_ab(repository_with(tmp_path / "slow", slowed), tmp_path / "r1")
     assert regressed.returncode == 1, regressed.stdout[-4000:]
     assert "FAILED suite/test_ab.py::test_after_vs_before[base_model_cpu-concurrency=1]" in regressed.stdout
-    assert "regressed against the reference repository: after vs before, throughput over 6 interleaved rounds" in (
+    assert "regressed against the reference: after vs before, throughput over 6 interleaved rounds" in (
         regressed.stdout
     )
     (compared,) = json.loads((tmp_path / "r1" / "results.json").read_text())["sections"][
@@ -60,13 +63,59 @@ def test_a_slowed_repository_fails_against_the_seed_and_an_unchanged_copy_passes
     ]["data"]
     assert compared["status"] == "regression" and compared["effect_pct"] < -15
     assert compared["ci95_pct"][1] < 0 and compared["p_value"] < 0.05
-    assert len(compared["before_infer_per_s_per_round"]) == len(compared["after_infer_per_s_per_round"]) == 6
+    assert len(compared["before_per_round"]) == len(compared["after_per_round"]) == 6
+    assert compared["unit"] == "infer/s"
     assert (tmp_path / "r1" / "ab_before_vs_after.png").is_file()
 
     unchanged = run_ab(repository_with(tmp_path / "same", seed), tmp_path / "r2", "--tolerance-pct", "15")
     assert unchanged.returncode == 0, unchanged.stdout[-4000:]
     assert "1 passed" in unchanged.stdout
     assert "| base_model_cpu | concurrency=1 | 6 |" in unchanged.stdout  # the A/B table in the summary
+
+
+CAPTIONER_MODELS = ("blip_caption", "blip_caption_vision", "blip_caption_decoder")
+QUICK_CAPTION_AB = ("--caption-concurrency", "1", "--caption-tokens", "8", "-k", "caption")
+
+
+def captioner_repository(destination: Path, vision_batching: str | None = None) -> Path:
+    """A copy of the seed's captioner and the models it calls; `vision_batching` replaces the vision encoder's
+    dynamic_batching block."""
+    for name in CAPTIONER_MODELS:
+        shutil.copytree(SEED_REPOSITORY / name, destination / name)
+    if vision_batching is not None:
+        config = destination / "blip_caption_vision" / "config.pbtxt"
+        seed = config.read_text()
+        config.write_text(seed.replace("dynamic_batching {\n  max_queue_delay_microseconds: 1000\n}", vision_batching))
+        assert config.read_text() != seed
+    return destination
+
+
+def test_a_caption_level_is_compared_in_tokens_per_second_each_side_with_its_own_models(tmp_path: Path) -> None:
+    """The 'before' captioner is staged with its own vision encoder and decoder (renamed with it): a vision encoder
+    that now waits 40 ms for a batch it never fills slows every caption, and only the 'after' side's."""
+    slowed_vision = "dynamic_batching {\n  preferred_batch_size: [ 8 ]\n  max_queue_delay_microseconds: 40000\n}"
+    slowed = captioner_repository(tmp_path / "slow", slowed_vision)
+    regressed = run_ab(slowed, tmp_path / "r1", *QUICK_CAPTION_AB, variant="blip_caption")
+    assert regressed.returncode == 1, regressed.stdout[-4000:]
+    assert "FAILED suite/test_ab.py::test_caption_after_vs_before[blip_caption-caption_concurrency=1]" in (
+        regressed.stdout
+    )
+    assert "blip_caption caption_concurrency=1 regressed against the reference: after vs before" in regressed.stdout
+    (compared,) = json.loads((tmp_path / "r1" / "results.json").read_text())["sections"][
+        "Before vs after (A/B, one interleaved run)"
+    ]["data"]
+    assert compared["unit"] == "output tokens/s" and compared["level"] == "caption_concurrency=1"
+    assert compared["status"] == "regression" and compared["effect_pct"] < -15
+    assert len(compared["before_per_round"]) == len(compared["after_per_round"]) == 6
+    assert compared["after_p99_ms"] > compared["before_p99_ms"] + 30  # whole captions, each 40 ms later
+
+    unchanged = run_ab(
+        captioner_repository(tmp_path / "same"), tmp_path / "r2", "--tolerance-pct", "15", *QUICK_CAPTION_AB,
+        variant="blip_caption",
+    )  # fmt: skip
+    assert unchanged.returncode == 0, unchanged.stdout[-4000:]
+    assert "1 passed" in unchanged.stdout
+    assert "| blip_caption | caption_concurrency=1 | 6 |" in unchanged.stdout
 
 
 def test_without_a_reference_the_ab_test_says_what_it_needs(tmp_path: Path) -> None:
@@ -77,6 +126,7 @@ def test_without_a_reference_the_ab_test_says_what_it_needs(tmp_path: Path) -> N
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]
     assert "test_after_vs_before[none]" in result.stdout
+    assert "test_caption_after_vs_before[none-caption_concurrency=1]" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -148,7 +198,7 @@ def test_two_servers_side_by_side_compare_the_same_variant(tmp_path: Path, refer
         "Before vs after (A/B, one interleaved run)"
     ]["data"]
     assert compared["status"] in ("pass", "improved", "inconclusive")  # the same config and binary on both
-    assert len(compared["before_infer_per_s_per_round"]) == 6
+    assert len(compared["before_per_round"]) == 6
 
     drifted = SEED_CONFIG.read_text().replace("max_queue_delay_microseconds: 1000", "max_queue_delay_microseconds: 7")
     other = run_against_server(reference_server, repository_with(tmp_path / "drifted", drifted), tmp_path / "r2")

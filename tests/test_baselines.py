@@ -415,3 +415,17 @@ def test_missing_baseline_message_names_the_other_feature_sets_file(tmp_path: Pa
     assert message.startswith(f"no baseline for {VARIANT} startup on this machine")
     assert "baseline recorded on a CPU with avx2 only; this CPU has avx2 avx512f" in message
     assert message.endswith("record one with: pytest --update-baselines")
+
+
+def test_the_load_side_is_named_in_the_fingerprint_but_not_keyed(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    """A level recorded from one client is judged from load workers (and back): the server's speed does not depend
+    on how many processes ask; the baseline still says who sent the load."""
+    workers = replace(fingerprint, load_side="2 load worker(s) (processes) on 1 host(s)")
+    assert fingerprint.load_side == "one client process"
+    assert workers.key() == fingerprint.key() and workers.dirname() == fingerprint.dirname()
+    store = BaselineStore(tmp_path / "baselines")
+    store.save(baseline(workers, {"concurrency=2": {"throughput_infer_per_s": 90.0}}))
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    assert json.loads(path.read_text())["fingerprint"]["load_side"] == workers.load_side
+    loaded = store.load(fingerprint, MODEL_ID, VARIANT)  # found from one client's fingerprint
+    assert loaded is not None and loaded.fingerprint.load_side == workers.load_side

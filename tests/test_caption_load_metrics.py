@@ -59,7 +59,7 @@ def measurement(windows: list[CaptionWindow], tokens: int = 5) -> CaptionLevelMe
 
 def window(start_s: float, tokens: int, captions: tuple[CaptionRecord, ...]) -> CaptionWindow:
     """An open-loop window: tokens/s is the tokens that arrived in it."""
-    return CaptionWindow(start_s, 1.0, (20.0,) * tokens, captions, 5)
+    return CaptionWindow(start_s, 1.0, tokens, captions, 5)
 
 
 def test_metrics_pool_the_judged_windows_captions_and_take_tokens_per_second_from_arrivals() -> None:
@@ -108,18 +108,18 @@ def test_closed_loop_throughput_is_littles_law_so_lockstep_bursts_do_not_alias_w
     """Four captions that run together finish together every 4 s: a 5 s window holds one burst of 20 tokens or two.
     Counted by arrivals the windows read 4 or 8 tokens/s; Little's law reads 4 x 5 tokens / 4 s = 5 tokens/s in each."""
     burst = tuple(record(0.0, 3.0, 0.25, 5) for _ in range(4))  # asked at 0, tokens 3.0 .. 4.0: 4 s each
-    one_burst = CaptionWindow(0.0, 5.0, (250.0,) * 20, burst, 5, concurrency=4)
-    two_bursts = CaptionWindow(5.0, 5.0, (250.0,) * 40, burst + burst, 5, concurrency=4)
+    one_burst = CaptionWindow(0.0, 5.0, 20, burst, 5, concurrency=4)
+    two_bursts = CaptionWindow(5.0, 5.0, 40, burst + burst, 5, concurrency=4)
     assert one_burst.tokens_per_s == two_bursts.tokens_per_s == pytest.approx(5.0)
     stability = caption_stability([one_burst, two_bursts, one_burst], 3, 10.0)
     assert stability.stable, stability.reason
-    open_loop = CaptionWindow(0.0, 5.0, (250.0,) * 20, burst, 5)
+    open_loop = CaptionWindow(0.0, 5.0, 20, burst, 5)
     assert open_loop.tokens_per_s == 4.0
 
 
 def test_a_window_without_an_ended_caption_is_not_stable() -> None:
-    empty = CaptionWindow(0.0, 1.0, (20.0,) * 10, (), 5, concurrency=2)
-    full = CaptionWindow(1.0, 1.0, (20.0,) * 10, (record(1.0, 1.1, 0.05, 5),), 5, concurrency=2)
+    empty = CaptionWindow(0.0, 1.0, 10, (), 5, concurrency=2)
+    full = CaptionWindow(1.0, 1.0, 10, (record(1.0, 1.1, 0.05, 5),), 5, concurrency=2)
     stability = caption_stability([full, empty, full], 3, 10.0)
     assert not stability.stable
     assert "ended no caption" in stability.reason

@@ -152,7 +152,7 @@ def test_the_client_ceiling_loads_nothing_on_an_external_server(running_server: 
         assert notes == [NO_CEILING_ON_EXTERNAL]
         named = probe(server, tmp_path, "base_model_cpu", notes)()  # a model already loaded there
         assert named is not None and named > 0
-        assert "base_model_cpu):" in notes[-1]
+        assert "base_model_cpu, one client process):" in notes[-1]
         assert probe(server, tmp_path, "not_loaded", notes)() is None
         assert (
             notes[-1] == f"client ceiling not measured: --ceiling-model not_loaded is not ready on {endpoints.http_url}"

@@ -118,3 +118,11 @@ def test_one_before_side_per_ab_run_each_where_it_can_run(tmp_path: Path) -> Non
     check_options(options(server="container", reference_triton_image="old:24.09"), REPOSITORY, ROOT, ci=False)
     assert options(reference_triton_url="h:8000").ab_reference == "--reference-triton-url h:8000"
     assert options().ab_reference is None
+
+
+def test_load_workers_are_counted_and_a_cluster_gets_no_system_shared_memory() -> None:
+    with pytest.raises(OptionError, match=r"^--load-workers 0: give 1 to 256 load workers"):
+        check_options(options(load_workers=0), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match=r"^--shared-memory system needs every client on the server's host"):
+        check_options(options(load_cluster="127.0.0.1:6379", shared_memory="system"), REPOSITORY, ROOT, ci=False)
+    check_options(options(load_workers=256, load_cluster="127.0.0.1:6379"), REPOSITORY, ROOT, ci=False)

@@ -240,12 +240,25 @@ def plot_frontier(
 
 
 def plot_ab(levels: Sequence[ABLevel], directory: Path) -> Path | None:
-    """Before and after per level: every round's infer/s as a point, each before/after pair joined by a line (the
-    test is on those pairs), the medians as bars."""
+    """Before and after per level, one panel per unit (infer/s; output tokens/s for caption levels): every round's
+    throughput as a point, each before/after pair joined by a line (the test is on those pairs), the medians as
+    bars."""
     if not levels:
         return None
+    by_unit: dict[str, list[ABLevel]] = {}
+    for level in levels:
+        by_unit.setdefault(level.verdict.unit, []).append(level)
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(max(6.0, 2.2 * len(levels)), 4.5))
+    widths = [max(3.0, 2.2 * len(group)) for group in by_unit.values()]
+    figure, axes = plt.subplots(1, len(by_unit), figsize=(max(6.0, sum(widths)), 4.5), squeeze=False)
+    for axis, (unit, group) in zip(axes[0], by_unit.items(), strict=True):
+        _ab_panel(axis, group, unit)
+    figure.suptitle("Before vs after (interleaved rounds; lines join pairs)", fontsize=10)
+    figure.tight_layout()
+    return save_figure(figure, directory / "ab_before_vs_after.png")
+
+
+def _ab_panel(axis, levels: Sequence[ABLevel], unit: str) -> None:
     for index, level in enumerate(levels):
         before, after = level.verdict.before_per_round, level.verdict.after_per_round
         x_before, x_after = 3 * index, 3 * index + 1
@@ -265,11 +278,8 @@ def plot_ab(levels: Sequence[ABLevel], directory: Path) -> Path | None:
         )
     axis.set_xticks([3 * i + 0.5 for i in range(len(levels))])
     axis.set_xticklabels([f"{level.variant}\n{level.level_id}" for level in levels], fontsize=8)
-    axis.set_ylabel("infer/s per round")
-    axis.set_title("Before vs after (interleaved rounds; lines join pairs)", fontsize=10)
+    axis.set_ylabel(f"{unit} per round")
     axis.legend()
-    figure.tight_layout()
-    return save_figure(figure, directory / "ab_before_vs_after.png")
 
 
 def plot_caption_load(levels: Sequence[tuple[str, CaptionLevelMeasurement]], directory: Path) -> Path | None:

@@ -247,22 +247,48 @@ def efficiency_table(efficiencies: Sequence[ServingEfficiency]) -> str:
 
 
 def ab_table(levels: Sequence[ABLevel]) -> str:
-    """One row per level compared: each side's median infer/s over its rounds, the paired change and its 95 %
-    interval, the test's p, what the run could detect, each side's p99, and the verdict."""
+    """One row per level compared: each side's median throughput over its rounds (infer/s, or output tokens/s for a
+    caption level), the paired change and its 95 % interval, the test's p, what the run could detect, each side's
+    p99 latency (of a request, or of a caption), and the verdict."""
     lines = [
-        "| variant | level | rounds | before infer/s | after infer/s | change (95% CI) | p (one-sided) | detects >= |"
+        "| variant | level | rounds | before | after | change (95% CI) | p (one-sided) | detects >= |"
         " p99 ms before / after | verdict |",
         "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |",
     ]
     for level in levels:
         verdict = level.verdict
         lines.append(
-            f"| {level.variant} | {level.level_id} | {verdict.rounds} | {statistics.median(verdict.before_per_round):.2f}"
-            f" | {statistics.median(verdict.after_per_round):.2f} | {verdict.effect_pct:+.1f}% "
+            f"| {level.variant} | {level.level_id} | {verdict.rounds} | "
+            f"{statistics.median(verdict.before_per_round):.2f} {verdict.unit} | "
+            f"{statistics.median(verdict.after_per_round):.2f} {verdict.unit} | {verdict.effect_pct:+.1f}% "
             f"({verdict.ci_low_pct:+.1f}% to {verdict.ci_high_pct:+.1f}%) | {verdict.p_value:.3g} | "
             f"{verdict.detectable_pct:.1f}% | {level.before_p99_ms:.1f} / {level.after_p99_ms:.1f} | "
             f"{verdict.status.value.upper()} |"
         )
+    return "\n".join(lines)
+
+
+def load_side_table(results: Sequence[JudgedLevel]) -> str:
+    """Levels driven by load workers: each worker's share, where it ran, what it delivered inside the windows, and
+    its clock offset from the coordinator (with the offset's uncertainty, half the best round trip)."""
+    lines = [
+        "| variant | level | worker | host | share | completed | infer/s | clock offset ms |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | --- |",
+    ]
+    for judged in results:
+        shares = judged.measurement.load_workers
+        for share in shares:
+            lines.append(
+                f"| {judged.variant} | {judged.level_id} | {share.name} | {share.host} | {share.level.level_id} | "
+                f"{share.completed} | {share.infer_per_s:.2f} | {share.clock_offset_ms:+.3f} "
+                f"± {share.clock_uncertainty_ms:.3f} |"
+            )
+        if shares:
+            merged = sum(len(window.latencies_ms) for window in judged.measurement.windows)
+            workers = sum(share.completed for share in shares)
+            lines.append(
+                f"| {judged.variant} | {judged.level_id} | all, merged | | | {merged} (workers: {workers}) | | |"
+            )
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ from blip_triton_bench.report.text import (
     efficiency_table,
     failed_levels_table,
     failure_text,
+    load_side_table,
     markdown_table,
     resource_notes,
     startup_table,
@@ -251,6 +252,8 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
                 data=[level.to_dict() for level in ab_levels],
             )
         )
+    if session.perf is not None and any(judged.measurement.load_workers for judged in session.perf.results):
+        sections.append(ReportSection("Load side (--load-workers)", load_side_table(session.perf.results)))
     if session.perf is not None and session.perf.failed_levels:
         failed = session.perf.failed_levels
         sections.append(

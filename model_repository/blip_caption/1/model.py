@@ -37,7 +37,6 @@ DEFAULT_MAX_ACTIVE_CAPTIONS = 8
 #: How long the idle scheduler waits for a caption before it looks at the stop flag again.
 IDLE_POLL_S = 0.05
 VISION_OUTPUTS = ("cross_keys", "cross_values")
-PAST_SEQUENCE_AXIS = 3
 
 #: The nvidia-pytriton 0.7.0 Python backend stub is built against numpy 1's C API. Under numpy 2 it reads
 #: arrays wrongly: `pb_utils.Tensor(name, array)` sends zero bytes (shape intact) and `as_numpy()` returns
