@@ -322,81 +322,86 @@ async def measure_with_workers(
     statistics taken here around them. A worker that dies or stops reporting fails the level (LevelAborted naming
     it); every started worker is stopped whatever happens."""
     try:
-        return await _drive(pool, url, model_name, inputs, level, settings, liveness)
+        shares = split_level(level, pool.size)
+        used = range(len(shares))
+        clocks = [await asyncio.to_thread(pool.clock_offset_s, index) for index in used]
+        collected = _Collected([offset for offset, _ in clocks], [-math.inf] * len(shares), [[] for _ in shares])
+        done = _Completions()
+        started: list[int] = []
+        aborted = True
+        async with open_inferer(url, model_name, inputs, replace(settings, shared_memory=NONE)) as statistics_client:
+            try:
+                for index, share in zip(used, shares, strict=True):
+                    worker_settings = replace(settings, seed=settings.seed + index)
+                    await asyncio.to_thread(
+                        pool.call,
+                        index,
+                        "start",
+                        url,
+                        model_name,
+                        inputs,
+                        share,
+                        worker_settings,
+                        timeout_s=START_TIMEOUT_S,
+                    )
+                    started.append(index)
+                collector = asyncio.create_task(_collect(pool, used, collected, done))
+
+                async def caught_up(until_s: float) -> None:
+                    deadline = time.perf_counter() + CATCH_UP_TIMEOUT_S
+                    while min(collected.watermarks_s) < until_s:
+                        if collector.done():
+                            collector.result()  # raises the worker's death
+                        if time.perf_counter() > deadline:
+                            late = pool.names[collected.watermarks_s.index(min(collected.watermarks_s))]
+                            raise WorkerDied(f"load worker {late} reported nothing for {CATCH_UP_TIMEOUT_S:g} s")
+                        await asyncio.sleep(COLLECT_INTERVAL_S / 4)
+
+                try:
+                    measuring = _measure_windows(statistics_client, done, settings, caught_up)
+                    windows, server = await _watched(measuring, done, liveness, settings.request_timeout_s)
+                finally:
+                    collector.cancel()
+                    await asyncio.gather(collector, return_exceptions=True)
+                aborted = False
+            finally:
+                ends = await asyncio.gather(
+                    *(
+                        asyncio.to_thread(pool.call, i, "stop", aborted, timeout_s=DRAIN_TIMEOUT_S + 15)
+                        for i in started
+                    ),
+                    return_exceptions=True,
+                )
+        unfinished = sum(end.unfinished for end in ends if isinstance(end, WorkerEnd))
+        return windows, server, unfinished, _delivered(pool, shares, clocks, collected, windows)
     except WorkerDied as died:
         raise LevelAborted(str(died)) from None
 
 
-async def _drive(
+def _delivered(
     pool: WorkerPool,
-    url: str,
-    model_name: str,
-    inputs: ModelInputs,
-    level: LoadLevel,
-    settings: LoadSettings,
-    liveness,
-) -> tuple[list[WindowSample], ServerStatistics | None, int, list[WorkerShare]]:
-    shares = split_level(level, pool.size)
-    used = range(len(shares))
-    clocks = [await asyncio.to_thread(pool.clock_offset_s, index) for index in used]
-    collected = _Collected([offset for offset, _ in clocks], [-math.inf] * len(shares), [[] for _ in shares])
-    done = _Completions()
-    started: list[int] = []
-    aborted = True
-    async with open_inferer(url, model_name, inputs, replace(settings, shared_memory=NONE)) as statistics_client:
-        try:
-            for index, share in zip(used, shares, strict=True):
-                worker_settings = replace(settings, seed=settings.seed + index)
-                await asyncio.to_thread(
-                    pool.call,
-                    index,
-                    "start",
-                    url,
-                    model_name,
-                    inputs,
-                    share,
-                    worker_settings,
-                    timeout_s=START_TIMEOUT_S,
-                )
-                started.append(index)
-            collector = asyncio.create_task(_collect(pool, used, collected, done))
-
-            async def caught_up(until_s: float) -> None:
-                deadline = time.perf_counter() + CATCH_UP_TIMEOUT_S
-                while min(collected.watermarks_s) < until_s:
-                    if collector.done():
-                        collector.result()  # raises the worker's death
-                    if time.perf_counter() > deadline:
-                        late = pool.names[collected.watermarks_s.index(min(collected.watermarks_s))]
-                        raise WorkerDied(f"load worker {late} reported nothing for {CATCH_UP_TIMEOUT_S:g} s")
-                    await asyncio.sleep(COLLECT_INTERVAL_S / 4)
-
-            try:
-                measuring = _measure_windows(statistics_client, done, settings, caught_up)
-                windows, server = await _watched(measuring, done, liveness, settings.request_timeout_s)
-            finally:
-                collector.cancel()
-                await asyncio.gather(collector, return_exceptions=True)
-            aborted = False
-        finally:
-            ends = await asyncio.gather(
-                *(asyncio.to_thread(pool.call, i, "stop", aborted, timeout_s=DRAIN_TIMEOUT_S + 15) for i in started),
-                return_exceptions=True,
+    shares: Sequence[LoadLevel],
+    clocks: Sequence[tuple[float, float]],
+    collected: _Collected,
+    windows: Sequence[WindowSample],
+) -> list[WorkerShare]:
+    """Each worker's share and what it completed inside the windows."""
+    measured_s = sum(window.duration_s for window in windows)
+    delivered = []
+    for index, share in enumerate(shares):
+        completed = in_windows(collected.completions_s[index], windows)
+        delivered.append(
+            WorkerShare(
+                name=pool.names[index],
+                host=pool.worker_hosts[index],
+                level=share,
+                completed=completed,
+                infer_per_s=completed / measured_s if measured_s else math.nan,
+                clock_offset_ms=clocks[index][0] * 1000.0,
+                clock_uncertainty_ms=clocks[index][1] * 1000.0,
             )
-    unfinished = sum(end.unfinished for end in ends if isinstance(end, WorkerEnd))
-    workers = [
-        WorkerShare(
-            name=pool.names[index],
-            host=pool.worker_hosts[index],
-            level=share,
-            completed=(completed := in_windows(collected.completions_s[index], windows)),
-            infer_per_s=completed / sum(window.duration_s for window in windows) if windows else math.nan,
-            clock_offset_ms=clocks[index][0] * 1000.0,
-            clock_uncertainty_ms=clocks[index][1] * 1000.0,
         )
-        for index, share in zip(used, shares, strict=True)
-    ]
-    return windows, server, unfinished, workers
+    return delivered
 
 
 async def _collect(pool: WorkerPool, used: range, collected: _Collected, done: _Completions) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.test_fault_injection import Suite, assert_no_leftovers
+from tests.test_fault_injection import RunningSuite, Suite, assert_no_leftovers
 
 WORKERS = ("--load-workers", "2")
 
@@ -63,12 +63,18 @@ def test_two_workers_give_one_clients_verdicts_and_every_request_they_completed(
     assert_no_leftovers(two)
 
 
+def workers_mid_level(running: RunningSuite) -> list[psutil.Process]:
+    """The run's two load workers, once its perf level is under way."""
+    running.wait_for_perf_level()
+    workers = load_workers_of(running.process.pid)
+    assert len(workers) == 2, [worker.cmdline() for worker in workers]
+    return workers
+
+
 def test_a_worker_killed_mid_level_fails_the_level_with_its_name_and_the_other_is_stopped(tmp_path: Path) -> None:
     suite = Suite(tmp_path)
     with suite.started("suite/test_perf.py", *WORKERS) as running:
-        running.wait_for_perf_level()
-        workers = load_workers_of(running.process.pid)
-        assert len(workers) == 2
+        workers = workers_mid_level(running)
         victim = workers[1]
         victim.kill()
         run = running.finish()
@@ -84,9 +90,7 @@ def test_a_worker_killed_mid_level_fails_the_level_with_its_name_and_the_other_i
 def test_ctrl_c_mid_level_leaves_no_load_worker_behind(tmp_path: Path) -> None:
     suite = Suite(tmp_path)
     with suite.started("suite/test_perf.py", *WORKERS) as running:
-        running.wait_for_perf_level()
-        workers = load_workers_of(running.process.pid)
-        assert len(workers) == 2
+        workers = workers_mid_level(running)
         running.process.send_signal(signal.SIGINT)
         run = running.finish()
     assert run.returncode == 2, run.output[-4000:]  # pytest's "interrupted"
