@@ -5,6 +5,7 @@ onto the coordinator's clock and merged into its windows."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,22 @@ from ray.cluster_utils import Cluster
 from tests.test_fault_injection import Suite, assert_no_leftovers
 
 
+def ray_processes(before: set[int]) -> list[psutil.Process]:
+    """This process's descendants that Ray started since `before` was taken: GCS, raylets, their workers."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.pid not in before and "ray" in " ".join([child.name(), *child.cmdline()]):
+                found.append(child)
+    return found
+
+
 @pytest.fixture
 def ray_cluster() -> Iterator[Cluster]:
     """A head with no CPU for actors (the coordinator's node) and two nodes with one each: the load workers must
     land one per worker node."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         for _ in range(2):
@@ -28,10 +40,10 @@ def ray_cluster() -> Iterator[Cluster]:
         cluster.wait_for_nodes()
         yield cluster
     finally:
-        ray_processes = psutil.Process().children(recursive=True)  # GCS, raylets and their workers
+        started = ray_processes(before)
         cluster.shutdown()
-    _, alive = psutil.wait_procs(ray_processes, timeout=30)
-    assert not alive, f"left running after the cluster's shutdown: {[p.pid for p in alive]}"
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, f"left running after the cluster's shutdown: {[p.cmdline()[:3] for p in alive]}"
 
 
 def test_a_closed_and_an_open_loop_level_run_through_two_ray_nodes(tmp_path: Path, ray_cluster: Cluster) -> None:
