@@ -7,18 +7,21 @@ what the terminal summary prints. No pytest in here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blip_triton_bench.repository import Variant
 from blip_triton_bench.servers.base import ModelLoad, RunningServer, ServerStartError
+from blip_triton_bench.servers.supervised import ServerDeath
 
 if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test needs them
     from blip_triton_bench.ab import ABRun
     from blip_triton_bench.agreement import Agreement
     from blip_triton_bench.caption_latency import CaptionLatency
     from blip_triton_bench.caption_load import CaptionLevelMeasurement
+    from blip_triton_bench.disconnects import AbandonOutcome
     from blip_triton_bench.efficiency import InProcessReference
     from blip_triton_bench.perf import PerfRun
 
@@ -34,13 +37,16 @@ class FinishOutcome:
 
     baselines_not_written: tuple[str, ...] = ()  # variants
     report_problem: str | None = None  # the summary's "report NOT WRITTEN" line
+    server_deaths: int = 0  # a server that died mid-run fails the run, even where every test that ran passed
 
     @property
     def failed(self) -> bool:
-        return bool(self.baselines_not_written) or self.report_problem is not None
+        return bool(self.baselines_not_written) or self.report_problem is not None or self.server_deaths > 0
 
     def reasons(self) -> list[str]:
         reasons = []
+        if self.server_deaths:
+            reasons.append(f"tritonserver died {self.server_deaths} time(s) during the run")
         if self.baselines_not_written:
             reasons.append(f"baselines not written for {', '.join(self.baselines_not_written)}")
         if self.report_problem is not None:
@@ -56,6 +62,8 @@ class BenchSession:
     notes: list[str] = field(default_factory=list)
     leftovers_removed: list[str] = field(default_factory=list)  # what a killed session left, removed at this start
     server: RunningServer | None = None
+    server_deaths: list[ServerDeath] = field(default_factory=list)  # in the order they were noticed
+    disconnects: dict[str, AbandonOutcome] = field(default_factory=dict)  # captioner -> --disconnect-stress outcome
     model_loads: dict[str, ModelLoad | ServerStartError] = field(default_factory=dict)
     correctness: list[str] = field(default_factory=list)
     #: correctness outcomes per variant (EXPORT_GATE for tests without a variant, e.g. export vs PyTorch)
@@ -95,6 +103,13 @@ class BenchSession:
             return "its correctness tests failed"
         return None
 
+    def record_server_death(self, death: ServerDeath) -> None:
+        self.server_deaths.append(death)
+        self.outcome = dataclasses.replace(self.outcome, server_deaths=len(self.server_deaths))
+
+    def record_disconnect_stress(self, captioner: str, outcome: AbandonOutcome) -> None:
+        self.disconnects[captioner] = outcome
+
     def record_model_load(self, name: str, load: ModelLoad | ServerStartError) -> ModelLoad | ServerStartError:
         """Keep the first load of `name`: another parametrization asking again gets Triton's instant answer."""
         return self.model_loads.setdefault(name, load)
@@ -122,8 +137,8 @@ class BenchSession:
         happened to the baselines. Neither raises for a write that fails: the outcome and the summary say it."""
         perf = self.perf
         measured = perf is not None and bool(perf.results or perf.startup_results or perf.failed_levels)
-        if not measured and not (self.ab is not None and self.ab.results):
-            return self.outcome
+        if not measured and not (self.ab is not None and self.ab.results) and not self.disconnects:
+            return self.outcome  # server deaths are in it already
         from blip_triton_bench.perf import record_baselines
 
         not_written: tuple[str, ...] = ()
@@ -131,7 +146,9 @@ class BenchSession:
             recording = record_baselines(perf, self.correctness_gate)
             self.baseline_lines, not_written = list(recording.lines), recording.not_written
         self.outcome = FinishOutcome(
-            baselines_not_written=not_written, report_problem=self._write_report(perf, report_dir)
+            baselines_not_written=not_written,
+            report_problem=self._write_report(perf, report_dir),
+            server_deaths=len(self.server_deaths),
         )
         return self.outcome
 
@@ -177,6 +194,11 @@ class BenchSession:
             else:
                 lines.append(f"model load {name}: FAILED ({str(load).splitlines()[0]})")
         lines.extend(self.correctness)
+        for captioner, outcome in self.disconnects.items():
+            lines.append(f"disconnect survival, {captioner}: {outcome.finding()}")
+        for death in self.server_deaths:
+            replaced = "a fresh server took its place" if death.replaced else "not replaced; later tests skipped"
+            lines.append(f"SERVER CRASH during {death.during}: {death.cause} ({replaced})")
         lines.extend(self.report_lines)
         if self.baseline_lines:
             lines.append("baselines (--update-baselines):")

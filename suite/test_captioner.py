@@ -3,14 +3,12 @@ generates exactly what HF generate() and the seed-style monolithic loop generate
 
 from __future__ import annotations
 
-import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from blip_triton_bench.caption import CaptionerClient, greedy_caption
+from blip_triton_bench.caption import CANCEL_REQUEST_CONFIG_KEY, CaptionerClient, cancel_parameter_of, greedy_caption
 from blip_triton_bench.caption import main as caption_main
 from blip_triton_bench.client import InferenceError
 from blip_triton_bench.model import LoadedModel, generate_caption
@@ -168,30 +166,30 @@ def test_concurrent_captions_of_different_images_each_equal_their_own_generate(
 def test_a_cancelled_caption_frees_its_slot_and_disturbs_no_other(
     served_captioner: ServedVariant, loaded_model: LoadedModel
 ) -> None:
-    """A client that disconnects mid-caption: its caption stops at the next step and leaves the batch, while a
-    caption decoding beside it finishes with its own generate() tokens."""
+    """A client that stops a caption mid-way: its caption stops at the next step and leaves the batch, while a
+    caption decoding beside it finishes with its own generate() tokens. Stopped with the captioner's cancel request,
+    never by cancelling the gRPC call: on Triton 2.51 that can crash the server every other test shares
+    (docs/disconnects.md; --disconnect-stress checks it on a server of its own)."""
+    cancel_parameter = cancel_parameter_of(served_captioner.variant.config)
+    if cancel_parameter is None:
+        pytest.skip(
+            f"{served_captioner.name} names no '{CANCEL_REQUEST_CONFIG_KEY}' in its config: it can only be stopped by "
+            "a disconnect, which --disconnect-stress checks on a server of its own"
+        )
     description = loaded_model.description
     longest = int(description.config.text_config.max_position_embeddings) - 1
     bos = description.special_tokens.bos_token_id
     url = served_captioner.server.endpoints.grpc_url
     astronaut = preprocess([load_image("astronaut")], description)
     with CaptionerClient(url) as leaving, CaptionerClient(url) as staying:
-        started = leaving.send(served_captioner.name, preprocess([load_image("coffee")], description), longest, True)
+        coffee = preprocess([load_image("coffee")], description)
+        started = leaving.send(served_captioner.name, coffee, longest, True, request_id="leaving")
         first_tokens = leaving.receive(served_captioner.name, bos, started, stop_after=3)
         other = staying.send(served_captioner.name, astronaut, MAX_NEW_TOKENS)
-        leaving.cancel()
+        discarded = leaving.abandon(served_captioner.name, "leaving", cancel_parameter)
         finished = staying.receive(served_captioner.name, bos, other)
+        next_caption = leaving.caption(served_captioner.name, astronaut, bos, MAX_NEW_TOKENS)
     assert len(first_tokens.generated_ids) == 3
+    assert 3 + discarded < longest, "the cancelled caption ran to its end instead of leaving its slot"
     assert list(finished.token_ids) == generate_caption(loaded_model, astronaut, MAX_NEW_TOKENS)
-
-    log = served_captioner.server.log_text()
-    if not log:
-        pytest.skip(f"the {served_captioner.server.provider_name} provider does not show the server log")
-    deadline = time.monotonic() + 10.0
-    while not (stopped := re.search(r"caption cancelled after (\d+) tokens", log)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        log = served_captioner.server.log_text()
-    assert stopped, (
-        f"the captioner never logged the cancellation; its log ends with:\n{served_captioner.server.log_tail()}"
-    )
-    assert int(stopped.group(1)) < longest, "the cancelled caption ran to its end instead of leaving its slot"
+    assert next_caption.token_ids == finished.token_ids, "the stream that cancelled a caption captions on"

@@ -241,6 +241,25 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
         )
     if session.sweep_lines:
         sections.append(ReportSection("Batching and instance sweep", "\n".join(session.sweep_lines)))
+    if session.disconnects:
+        sections.append(
+            ReportSection(
+                "Clients that leave mid-caption (--disconnect-stress)",
+                "\n".join(f"- {captioner}: {outcome.finding()}" for captioner, outcome in session.disconnects.items()),
+                data=[
+                    {"captioner": captioner, "finding": outcome.finding(), **outcome.to_dict()}
+                    for captioner, outcome in session.disconnects.items()
+                ],
+            )
+        )
+    if session.server_deaths:
+        sections.append(
+            ReportSection(
+                "Server crashes",
+                "\n".join(f"- during {death.during}: {death.cause}" for death in session.server_deaths),
+                data=[{"during": d.during, "cause": d.cause, "replaced": d.replaced} for d in session.server_deaths],
+            )
+        )
     if session.ab is not None and session.ab.results:
         ab_levels = session.ab.results
         plot = plot_ab(ab_levels, directory) if directory is not None else None

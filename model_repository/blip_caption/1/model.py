@@ -37,6 +37,9 @@ DEFAULT_MAX_ACTIVE_CAPTIONS = 8
 #: How long the idle scheduler waits for a caption before it looks at the stop flag again.
 IDLE_POLL_S = 0.05
 VISION_OUTPUTS = ("cross_keys", "cross_values")
+#: The request parameter a cancel request names its caption by, unless the config's `cancel_request_parameter`
+#: names another.
+DEFAULT_CANCEL_REQUEST_PARAMETER = "cancel_caption"
 
 #: The nvidia-pytriton 0.7.0 Python backend stub is built against numpy 1's C API. Under numpy 2 it reads
 #: arrays wrongly: `pb_utils.Tensor(name, array)` sends zero bytes (shape intact) and `as_numpy()` returns
@@ -128,19 +131,28 @@ class Caption:
     next_token: int
     cross_keys: np.ndarray | None = None  # [1, layers, heads, patches, head_dim], once its vision pass is done
     cross_values: np.ndarray | None = None
+    request_id: str = ""
     generated: list[int] = field(default_factory=list)
     finished: bool = False
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    cancel_asked: threading.Event = field(default_factory=threading.Event)  # a cancel request named this caption
 
     @property
     def position(self) -> int:
         """The position id of the token this caption feeds next (the start token is position 0)."""
         return len(self.generated)
 
-    def cancelled(self) -> bool:
+    def disconnected(self) -> bool:
+        """Whether Triton cancelled the request (its client disconnected, or cancelled the RPC)."""
         probe = self.sender if self.sender is not None else self.request
         return bool(getattr(probe, "is_cancelled", lambda: False)())
+
+    def stop_reason(self) -> str | None:
+        """Why the caption must leave before its end: None while its client still waits for it."""
+        if self.cancel_asked.is_set():
+            return "cancel_request"
+        return "disconnect" if self.disconnected() else None
 
     def emit(self, token: int) -> None:
         """Add a generated token and stream it (decoupled); raises when the client is gone."""
@@ -258,6 +270,35 @@ class InProcessDecoder:
         return np.argmax(logits.numpy()[:, -1], axis=-1)
 
 
+class CaptionMetrics:
+    """The captioner's own Prometheus metrics on Triton's metrics endpoint: captions decoding, captions waiting for
+    a slot, and captions stopped early by reason. A slot that a departed client never gave back shows as an active
+    caption that never leaves."""
+
+    def __init__(self, model_name: str) -> None:
+        labels = {"model": model_name}
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self._families = [
+            pb_utils.MetricFamily("blip_caption_active", "Captions decoding in the shared decoder step", gauge),
+            pb_utils.MetricFamily("blip_caption_waiting", "Captions accepted and waiting for a decoder slot", gauge),
+            pb_utils.MetricFamily("blip_caption_cancelled", "Captions stopped before their end, by reason", counter),
+        ]
+        active, waiting, cancelled = self._families
+        self.active, self.waiting = active.Metric(labels=labels), waiting.Metric(labels=labels)
+        self.cancelled = {
+            reason: cancelled.Metric(labels={**labels, "reason": reason}) for reason in ("disconnect", "cancel_request")
+        }
+
+    def show(self, active: int, waiting: int) -> None:
+        self.active.set(float(active))
+        self.waiting.set(float(waiting))
+
+    def close(self) -> None:
+        """The stub wants each Metric deleted before its MetricFamily."""
+        del self.active, self.waiting, self.cancelled
+        self._families.clear()
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.config = json.loads(args["model_config"])
@@ -289,7 +330,12 @@ class TritonPythonModel:
             threads,
         )
         self.logger = pb_utils.Logger
+        self.cancel_parameter = _parameter(self.config, "cancel_request_parameter", DEFAULT_CANCEL_REQUEST_PARAMETER)
+        self.metrics = CaptionMetrics(self.config["name"])
         self.waiting: queue.Queue[Caption] = queue.Queue()  # accepted, vision pass not run yet
+        # Captions a cancel request may name, by request id; the scheduler drops the finished ones.
+        self.open_captions: dict[str, Caption] = {}
+        self.open_lock = threading.Lock()
         self.stopping = threading.Event()
         self.vision_pool = ThreadPoolExecutor(self.max_active, thread_name_prefix="caption-vision")
         self.scheduler = threading.Thread(target=self._decode_loop, name="caption-decoder", daemon=True)
@@ -297,11 +343,38 @@ class TritonPythonModel:
 
     # ---- requests in ----
 
-    def _accept(self, request: Any) -> Caption:
+    def _cancel_target(self, request: Any) -> str | None:
+        """The request id a cancel request names, or None for a caption request."""
+        parameters = json.loads(request.parameters() or "{}")
+        target = parameters.get(self.cancel_parameter)
+        return None if target is None else str(target)
+
+    def _cancel(self, request: Any, target: str) -> Caption:
+        """Mark the named caption to leave at the next step, and answer the cancel request at once (a caption that
+        already finished, or an id never seen, leaves nothing to do)."""
+        with self.open_lock:
+            caption = self.open_captions.get(target)
+        if caption is not None:
+            caption.cancel_asked.set()
         sender = request.get_response_sender() if self.decoupled else None
-        caption = Caption(request, sender, np.zeros(0, np.float32), 0, False, self.bos_token_id)
+        answer = Caption(request, sender, np.zeros(0, np.float32), 0, False, self.bos_token_id)
+        answer.finish()
+        return answer
+
+    def _accept(self, request: Any) -> Caption:
+        if (target := self._cancel_target(request)) is not None:
+            return self._cancel(request, target)
+        sender = request.get_response_sender() if self.decoupled else None
+        caption = Caption(
+            request, sender, np.zeros(0, np.float32), 0, False, self.bos_token_id, request_id=request.request_id()
+        )
         try:
             tensor = pb_utils.get_input_tensor_by_name(request, "pixel_values")
+            if tensor is None:
+                raise CaptionError(
+                    "pixel_values is missing: a caption request sends the image; a cancel request sends no inputs "
+                    f"and names the caption's request id in its parameter '{self.cancel_parameter}'"
+                )
             caption.pixel_values = np.array(from_triton(tensor), dtype=np.float32)  # a copy the request may outlive
             caption.max_new_tokens = int(_optional_scalar(request, "max_new_tokens", self.max_new_tokens))
             caption.ignore_eos = bool(_optional_scalar(request, "ignore_eos", False))
@@ -313,6 +386,9 @@ class TritonPythonModel:
         except Exception as error:  # one bad request answers itself and disturbs no other
             caption.finish(str(error))
             return caption
+        if caption.request_id:
+            with self.open_lock:
+                self.open_captions[caption.request_id] = caption
         self.waiting.put(caption)
         return caption
 
@@ -356,27 +432,39 @@ class TritonPythonModel:
                 caption = self.waiting.get(timeout=IDLE_POLL_S) if wait and not joining else self.waiting.get_nowait()
             except queue.Empty:
                 break
-            if caption.cancelled():
-                caption.finish(
-                    "caption cancelled before its first token", getattr(pb_utils.TritonError, "CANCELLED", None)
-                )
+            if reason := caption.stop_reason():
+                self._stop(caption, reason, "caption cancelled before its first token")
                 continue
             joining.append(caption)
         return joining
+
+    def _stop(self, caption: Caption, reason: str, message: str) -> None:
+        """End a caption early. Asked for by a cancel request: a plain final response, which the client waits for
+        before it reuses or closes the stream; after a disconnect, a CANCELLED error nobody reads."""
+        if reason == "cancel_request":
+            caption.finish()
+        else:
+            caption.finish(message, getattr(pb_utils.TritonError, "CANCELLED", None))
+        self.metrics.cancelled[reason].increment(1.0)
 
     def _leaving(self, active: list[Caption]) -> list[Caption]:
         leaving = []
         for caption in active:
             if caption.finished:
                 leaving.append(caption)
-            elif caption.cancelled():
-                caption.finish("caption cancelled", getattr(pb_utils.TritonError, "CANCELLED", None))
+            elif reason := caption.stop_reason():
+                self._stop(caption, reason, "caption cancelled")
                 self.logger.log_info(
-                    f"{self.config['name']}: caption cancelled after {len(caption.generated)} tokens; its slot is "
-                    f"free ({len(active) - 1} other captions decoding)"
+                    f"{self.config['name']}: caption cancelled ({reason}) after {len(caption.generated)} tokens; its "
+                    f"slot is free ({len(active) - 1} other captions decoding)"
                 )
                 leaving.append(caption)
         return leaving
+
+    def _forget_finished(self) -> None:
+        with self.open_lock:
+            for request_id in [key for key, caption in self.open_captions.items() if caption.finished]:
+                del self.open_captions[request_id]
 
     def _decode_loop(self) -> None:
         active: list[Caption] = []
@@ -386,18 +474,25 @@ class TritonPythonModel:
             try:
                 leaving = self._leaving(active)
                 staying = [caption for caption in active if caption not in leaving]
+                if leaving:  # shown before an idle wait for new captions, so a scrape sees the slots free at once
+                    self.metrics.show(len(staying), self.waiting.qsize())
                 joining = self._encode_together(self._take_waiting(self.max_active - len(staying), wait=not staying))
                 if leaving or joining:
                     active = staying + joining
                     batch = self.decoder.regroup(batch, staying, joining) if active else None
+                    self._forget_finished()
+                    self.metrics.show(len(active), self.waiting.qsize())
                 if batch is None:
                     continue
                 tokens = self.decoder.step(batch)
             except Exception as error:  # the decoder or its batch failed: every caption in it is told, the loop goes on
+                self.logger.log_error(f"{self.config['name']}: decoding step failed, its captions fail: {error!r}")
                 for caption in {*active, *joining}:
                     if not caption.finished:
                         caption.finish(f"text decoder step failed: {error}")
                 active, batch = [], None
+                self._forget_finished()
+                self.metrics.show(0, self.waiting.qsize())
                 continue
             for caption, token in zip(active, tokens.tolist(), strict=True):
                 self._advance(caption, int(token))
@@ -416,3 +511,4 @@ class TritonPythonModel:
         self.stopping.set()
         self.scheduler.join(timeout=30)
         self.vision_pool.shutdown(wait=True, cancel_futures=True)
+        self.metrics.close()

@@ -1,0 +1,56 @@
+"""Shared fixtures of the machinery's tests: one tiny model, one tiny export and one staged captioner per session.
+
+Each is built once and handed out; a test that changes what it got copies it first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blip_triton_bench.repository import StagedRepository
+
+#: The seed repository: every variant the project ships.
+SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny BLIP (seeded random weights), built once per session."""
+    from blip_triton_bench.model import ModelSpec, load_model
+
+    return load_model(ModelSpec("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_model, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model's exports (full, and the split, INT8 and student ones when first asked for), in a cache of this
+    session's own."""
+    from blip_triton_bench.artifacts import ModelArtifacts
+    from blip_triton_bench.export import export_model
+    from blip_triton_bench.options import DEFAULT_OPSET
+
+    cache = tmp_path_factory.mktemp("tiny-cache")
+    exported = export_model(tiny_model, cache, DEFAULT_OPSET)
+    return ModelArtifacts(
+        teacher=tiny_model,
+        teacher_export=exported,
+        cache_dir=cache,
+        opset=DEFAULT_OPSET,
+        student_source=None,
+        distill_steps=None,
+    )
+
+
+@pytest.fixture(scope="session")
+def staged_captioner(tiny_artifacts, tmp_path_factory: pytest.TempPathFactory) -> StagedRepository:
+    """The seed's captioner (blip_caption and the models it calls) staged with the tiny export."""
+    from blip_triton_bench.repository import discover_variants, select_variants, stage_repository, with_composing_models
+
+    seed = discover_variants(SEED_REPOSITORY)
+    chosen = with_composing_models(select_variants(seed, ["blip_caption"]), seed)
+    scratch = tmp_path_factory.mktemp("captioner-files")
+    return stage_repository(
+        chosen, lambda variant: tiny_artifacts.files_for(variant, scratch), tmp_path_factory.mktemp("captioner-repo")
+    )
