@@ -12,7 +12,7 @@ endif
 # Records the build installed: a different choice has no such file, so the install step runs again.
 ORT_STAMP := $(VENV)/.onnxruntime-$(ORT)
 
-.PHONY: install test bench lint clean
+.PHONY: install check test bench lint clean
 
 $(STAMP): pyproject.toml $(ORT_STAMP)
 	python3 -m venv $(VENV)
@@ -30,12 +30,23 @@ $(ORT_STAMP):
 
 install: $(STAMP)
 
+# The unit tier of tests/ (pure code: no server, no Docker, no pytest subprocess), for use while working: under
+# 2 minutes on the 2-core CI machine. `make test` still runs every tier.
+check: $(STAMP)
+	$(VENV)/bin/pytest tests -m unit -q $(PYTEST_ARGS)
+
+# Load levels sized for the tiny model, which answers hundreds of requests a second on 2 cores: 1 s windows hold
+# plenty, and the default 5 s windows (up to 10 of them) cost about 17 of the test run's minutes for the same checks.
+TINY_LEVELS := --window-s 1 --warmup-s 0.5 --max-windows 4
+# The container pass checks what differs with a container: serving, correctness and one short level per variant.
+CONTAINER_LEVELS := $(TINY_LEVELS) --concurrency 2 --caption-concurrency 2
+
 # The tests: machinery unit tests plus the whole suite end to end on the tiny model through a real Triton,
 # with the local provider; then the suite again through the container provider when a Docker engine answers.
 test: $(STAMP)
-	$(VENV)/bin/pytest --model tiny --server local --sweep-variant base_model_cpu $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --model tiny --server local --sweep-variant base_model_cpu $(TINY_LEVELS) --durations=25 $(PYTEST_ARGS)
 	@if $(PYTHON) -c "from blip_triton_bench.servers.container import docker_available as a; raise SystemExit(not a())"; then \
-		$(VENV)/bin/pytest suite --model tiny --server container $(PYTEST_ARGS); \
+		$(VENV)/bin/pytest suite --model tiny --server container $(CONTAINER_LEVELS) --durations=25 $(PYTEST_ARGS); \
 	else \
 		echo "No Docker engine answers: the container-provider pass was not run (start one: sudo server/docker_engine.sh)"; \
 	fi

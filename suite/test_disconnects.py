@@ -9,10 +9,14 @@ with the server's own account (Triton 2.51 does, docs/disconnects.md).
 
 from __future__ import annotations
 
+import pytest
+
 from blip_triton_bench.disconnects import DISCONNECT, AbandonPlan, abandon_captions
 from blip_triton_bench.model import LoadedModel, generate_caption
 from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import load_image, preprocess
+
+pytestmark = pytest.mark.disconnects
 
 #: The staying client's caption length: long enough that abandoned captions come and go while it decodes.
 STAYING_TOKENS = 12

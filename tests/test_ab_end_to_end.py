@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.open_model_control import OpenModelControl, model_control_trace
+
+pytestmark = pytest.mark.e2e
+
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SEED_REPOSITORY = REPOSITORY_ROOT / "model_repository"
 SEED_CONFIG = SEED_REPOSITORY / "base_model_cpu" / "config.pbtxt"
@@ -162,7 +166,8 @@ def test_a_variant_the_reference_lacks_is_skipped_with_the_reason(tmp_path: Path
 
 @pytest.fixture
 def reference_server(tmp_path: Path):
-    """A second Triton 'someone runs' (e.g. the version before an upgrade) serving the seed's base_model_cpu."""
+    """A second Triton 'someone runs' (e.g. the version before an upgrade) serving the seed's base_model_cpu, its
+    model-repository API open to anyone as on a server started by hand: a load or unload by the suite would show."""
     from blip_triton_bench.export import export_model
     from blip_triton_bench.model import ModelSpec, load_model
     from blip_triton_bench.options import default_cache_dir
@@ -172,7 +177,8 @@ def reference_server(tmp_path: Path):
     exported = export_model(load_model(ModelSpec("tiny")), default_cache_dir())
     seed = [variant for variant in discover_variants(SEED_REPOSITORY) if variant.name == "base_model_cpu"]
     staged = stage_repository(seed, lambda _variant: exported.artifact_files, tmp_path / "reference-repo")
-    with LocalProvider(tmp_path / "reference-server").start(staged.root) as server:
+    provider = LocalProvider(tmp_path / "reference-server", model_control=OpenModelControl("unused"))
+    with provider.start(staged.root) as server:
         server.load_model("base_model_cpu")
         yield server
 
@@ -188,12 +194,14 @@ def run_against_server(server, after: Path, reports: Path) -> subprocess.Complet
 
 
 def test_two_servers_side_by_side_compare_the_same_variant(tmp_path: Path, reference_server) -> None:
+    before = model_control_trace(reference_server)
     same = run_against_server(
         reference_server, repository_with(tmp_path / "same", SEED_CONFIG.read_text()), tmp_path / "r"
     )
     assert same.returncode == 0, same.stdout[-4000:]
     assert "1 passed" in same.stdout
-    assert f"A/B reference server: Triton 2.51.0 at {reference_server.endpoints.http_url}" in same.stdout
+    version = reference_server.describe().triton_version  # as the server itself reports it
+    assert f"A/B reference server: Triton {version} at {reference_server.endpoints.http_url}" in same.stdout
     (compared,) = json.loads((tmp_path / "r" / "results.json").read_text())["sections"][
         "Before vs after (A/B, one interleaved run)"
     ]["data"]
@@ -204,4 +212,5 @@ def test_two_servers_side_by_side_compare_the_same_variant(tmp_path: Path, refer
     other = run_against_server(reference_server, repository_with(tmp_path / "drifted", drifted), tmp_path / "r2")
     assert other.returncode == 1, other.stdout[-4000:]
     assert "dynamic_batching.max_queue_delay_microseconds: repository 7, server 1000" in other.stdout
-    assert reference_server.is_model_ready("base_model_cpu")  # the suite unloaded nothing there
+    assert model_control_trace(reference_server) == before  # the suite loaded and unloaded nothing there
+    assert reference_server.is_model_ready("base_model_cpu")

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from blip_triton_bench.ab_sides import BEFORE_SUFFIX, renamed_config, with_callees
 from blip_triton_bench.repository import discover_variants
+
+pytestmark = pytest.mark.unit
 
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 

@@ -10,6 +10,8 @@ from blip_triton_bench.ab import DEFAULT_AB_MIN_EFFECT_PCT, judge_ab, round_thro
 from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel
 from blip_triton_bench.verdict import VerdictStatus
 
+pytestmark = pytest.mark.unit
+
 #: The host's speed in each of 10 rounds: two states, as issue 15 measured them, in no order.
 HOST = np.array([1.41, 1.28, 1.28, 1.41, 1.28, 1.41, 1.41, 1.28, 1.41, 1.28])
 #: Small per-measurement noise (±1.5 %), fixed so the test is deterministic.

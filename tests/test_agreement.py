@@ -16,6 +16,8 @@ from blip_triton_bench.agreement import (
 )
 from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS, AgreementThreshold, threshold_for_artifact
 
+pytestmark = pytest.mark.unit
+
 STRICT = AgreementThreshold(name="strict_test", min_top1=0.9, min_cosine=0.99, why="a test threshold")
 
 

@@ -21,6 +21,8 @@ from blip_triton_bench.baselines import (
     record_command,
 )
 
+pytestmark = pytest.mark.unit
+
 MODEL_ID = "Salesforce/blip-image-captioning-base"
 VARIANT = "base_model_cpu"
 

@@ -18,6 +18,8 @@ from blip_triton_bench.caption_load import (
 from blip_triton_bench.load import LoadLevel, LoadSpecError
 from blip_triton_bench.report.text import caption_load_table, caption_scaling_lines
 
+pytestmark = pytest.mark.unit
+
 
 def record(asked_s: float, first_s: float, gap_s: float, tokens: int, error: str | None = None) -> CaptionRecord:
     return CaptionRecord(asked_s, tuple(first_s + i * gap_s for i in range(tokens)), error)

@@ -21,6 +21,8 @@ from blip_triton_bench.verdict import VerdictStatus, compare_level
 from blip_triton_bench.workload import ModelInputs
 from tests.test_report import judged_level
 
+pytestmark = pytest.mark.unit
+
 
 def caption(step_ms: list[float]) -> Caption:
     return Caption(token_ids=tuple(range(len(step_ms) + 1)), step_latencies_ms=tuple(step_ms))

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from blip_triton_bench.fixtures.collection import RunPlan, variants_under_test
 from blip_triton_bench.repository import discover_variants
+
+pytestmark = pytest.mark.unit
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 

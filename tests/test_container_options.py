@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from blip_triton_bench.leftovers import OWNER_HOST_LABEL, OWNER_PID_LABEL
 from blip_triton_bench.servers.base import ModelControlKey
 from blip_triton_bench.servers.container import CONTAINER_LABEL, RUN_LABEL, ContainerProvider, run_options
+
+pytestmark = pytest.mark.unit
 
 DOCKERFILE = Path(__file__).resolve().parents[1] / "server" / "Dockerfile"
 

@@ -25,10 +25,13 @@ from blip_triton_bench.options import default_cache_dir
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.container import CONTAINER_LABEL, ContainerProvider, docker_available
 
-pytestmark = pytest.mark.skipif(
-    not docker_available(),
-    reason="no Docker engine answers: start one with server/docker_engine.sh to run the container provider's tests",
-)
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(
+        not docker_available(),
+        reason="no Docker engine answers: start one with server/docker_engine.sh to run the container provider's tests",
+    ),
+]
 
 MODEL_NAME = "tiny_linear"
 FEATURES = 4

@@ -21,6 +21,8 @@ from blip_triton_bench.correctness import (
     serving_tolerance,
 )
 
+pytestmark = pytest.mark.unit
+
 STRICT = Tolerance(name="strict", atol=1e-3, rtol=0.0, why="test")
 
 

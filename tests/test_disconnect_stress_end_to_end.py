@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = pytest.mark.e2e
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 ABANDONED = 1500

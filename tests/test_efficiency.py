@@ -13,6 +13,8 @@ from blip_triton_bench.load import ServerStatistics
 from blip_triton_bench.perf import MIN_EFFICIENCY_PARAMETER, PerfConfigError, variant_min_serving_efficiency
 from blip_triton_bench.repository import discover_variants, load_variant
 
+pytestmark = pytest.mark.unit
+
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 
 

@@ -17,6 +17,8 @@ from blip_triton_bench.environment import (
     summarise_provider_failure,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def test_cpu_and_gpu_builds_together_are_named_with_versions_and_the_fix() -> None:
     message = onnxruntime_install_problem(

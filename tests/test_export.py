@@ -14,6 +14,8 @@ from blip_triton_bench.export import ExportError, export_model
 from blip_triton_bench.model import LoadedModel, ModelSourceError, ModelSpec, describe_model, load_model
 from blip_triton_bench.workload import build_inputs
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:

@@ -28,6 +28,7 @@ from blip_triton_bench.servers.external import (
 )
 from blip_triton_bench.servers.local import LocalProvider, LocalServer, free_port
 from blip_triton_bench.workload import ModelInputs
+from tests.open_model_control import OpenModelControl, model_control_trace
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPOSITORY_ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt"
@@ -37,6 +38,7 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
+@pytest.mark.unit
 def test_only_fields_the_repository_sets_are_compared() -> None:
     expected = parse(SEED_CONFIG.read_text())
     served = parse(SEED_CONFIG.read_text())
@@ -46,6 +48,7 @@ def test_only_fields_the_repository_sets_are_compared() -> None:
     assert config_differences(expected, served) == []
 
 
+@pytest.mark.unit
 def test_every_difference_is_named() -> None:
     expected = parse(SEED_CONFIG.read_text())
     served = parse(SEED_CONFIG.read_text())
@@ -74,11 +77,13 @@ nv_gpu_memory_used_bytes{gpu_uuid="GPU-a0"} 1024
 """
 
 
+@pytest.mark.unit
 def test_gpus_come_from_the_servers_metrics_labels() -> None:
     assert gpu_uuids(TRITON_METRICS) == ("GPU-a0", "GPU-b1")
     assert gpu_uuids(TRITON_METRICS.split("# HELP nv_gpu_utilization")[0]) == ()  # a CPU-only server
 
 
+@pytest.mark.unit
 def test_an_unreachable_metrics_endpoint_is_unknown_not_zero_gpus() -> None:
     closed = f"http://127.0.0.1:{free_port()}/metrics"
     gpus = read_server_gpus(closed)
@@ -86,6 +91,7 @@ def test_an_unreachable_metrics_endpoint_is_unknown_not_zero_gpus() -> None:
     assert gpus.describe(closed).startswith(f"GPUs unknown ({closed}: ConnectionError; pass --triton-metrics-url")
 
 
+@pytest.mark.unit
 def test_urls() -> None:
     endpoints = external_endpoints("triton.internal:9000", None)
     assert (endpoints.host, endpoints.http_port, endpoints.grpc_port) == ("triton.internal", 9000, 8001)
@@ -100,19 +106,23 @@ def test_urls() -> None:
 
 @pytest.fixture(scope="module")
 def running_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    """A server 'someone else' runs: the seed's CPU variant, loaded, on the tiny model."""
+    """A server 'someone else' runs: the seed's CPU variant, loaded, on the tiny model, and its model-repository API
+    open to anyone, as on a server started by hand: a load or unload by the suite would succeed there, and show."""
     exported = export_model(load_model(ModelSpec("tiny")), tmp_path_factory.mktemp("cache"))
     staged = stage_repository(
         discover_variants(REPOSITORY_ROOT / "model_repository"),
         lambda _v: exported.artifact_files,
         tmp_path_factory.mktemp("repo"),
     )
-    with LocalProvider(tmp_path_factory.mktemp("server")).start(staged.root) as server:
+    provider = LocalProvider(tmp_path_factory.mktemp("server"), model_control=OpenModelControl("unused"))
+    with provider.start(staged.root) as server:
         server.load_model("base_model_cpu")
         yield server
 
 
+@pytest.mark.server
 def test_an_unready_variant_is_reported_not_loaded(running_server: LocalServer) -> None:
+    before = model_control_trace(running_server)
     with ExternalProvider(running_server.endpoints.http_url, running_server.endpoints.grpc_url).start(
         Path(".")
     ) as server:
@@ -121,9 +131,10 @@ def test_an_unready_variant_is_reported_not_loaded(running_server: LocalServer) 
         ]
         with pytest.raises(ServerStartError, match="'base_model_gpu' is not ready on the external server"):
             server.prepare_variant(gpu_variant)
-    assert not running_server.is_model_ready("base_model_gpu")  # nothing was loaded on someone else's server
+    assert model_control_trace(running_server) == before  # nothing was loaded on someone else's server, or tried
 
 
+@pytest.mark.server
 def test_a_grpc_endpoint_that_does_not_answer_is_one_usage_error_naming_the_option(
     running_server: LocalServer,
 ) -> None:
@@ -144,8 +155,10 @@ def probe(server, tmp_path: Path, model_name: str | None, notes: list[str]) -> C
     return CeilingProbe(server, tmp_path, 384, 30524, server.endpoints.grpc_url, inputs, settings, notes, model_name)
 
 
+@pytest.mark.server
 def test_the_client_ceiling_loads_nothing_on_an_external_server(running_server: LocalServer, tmp_path: Path) -> None:
     endpoints = running_server.endpoints
+    before = model_control_trace(running_server)
     with ExternalProvider(endpoints.http_url, endpoints.grpc_url).start(Path(".")) as server:
         notes: list[str] = []
         assert probe(server, tmp_path, None, notes)() is None
@@ -157,7 +170,7 @@ def test_the_client_ceiling_loads_nothing_on_an_external_server(running_server: 
         assert (
             notes[-1] == f"client ceiling not measured: --ceiling-model not_loaded is not ready on {endpoints.http_url}"
         )
-    assert not running_server.is_model_ready("blip_bench_client_ceiling")  # nothing was staged or loaded there
+    assert model_control_trace(running_server) == before  # nothing was loaded there, or tried
 
 
 def run_suite_against(
@@ -179,9 +192,11 @@ def run_suite_against(
     )  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_the_suite_runs_against_an_external_server_and_names_config_drift(
     running_server: LocalServer, tmp_path: Path
 ) -> None:
+    before = model_control_trace(running_server)
     passed = run_suite_against(running_server, REPOSITORY_ROOT / "model_repository")
     assert passed.returncode == 0, passed.stdout[-3000:]
     assert "2 passed" in passed.stdout
@@ -196,9 +211,11 @@ def test_the_suite_runs_against_an_external_server_and_names_config_drift(
     assert failed.returncode == 1
     assert "is not configured as" in failed.stdout
     assert "dynamic_batching.max_queue_delay_microseconds: repository 5000, server 1000" in failed.stdout
-    assert running_server.is_model_ready("base_model_cpu")  # still served: the suite unloaded nothing
+    assert model_control_trace(running_server) == before  # the suite loaded and unloaded nothing, not even again
+    assert running_server.is_model_ready("base_model_cpu")
 
 
+@pytest.mark.e2e
 def test_an_http_url_on_another_port_without_its_grpc_url_is_one_usage_error(running_server: LocalServer) -> None:
     """gRPC is then assumed on port 8001, where this server does not listen: one message, not a failure per test."""
     refused = run_suite_against(running_server, REPOSITORY_ROOT / "model_repository", grpc=())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from blip_triton_bench.files import produce_directory
+
+pytestmark = pytest.mark.unit
 
 
 def has_model(directory: Path) -> bool:
@@ -36,15 +39,32 @@ def test_an_incomplete_entry_is_produced_again_and_the_log_says_so(
     assert sorted(p.name for p in entry.parent.iterdir()) == [".tiny-abc.lock", "tiny-abc"]  # no temp dir left
 
 
+def blocked_lock_requests(path: Path) -> int:
+    """Lock requests waiting on `path` right now: the kernel lists each in /proc/locks with `->` before it."""
+    status = path.stat()
+    file_id = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    return sum(
+        1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line.split() and file_id in line.split()
+    )
+
+
 def test_two_runs_sharing_a_key_produce_it_once(tmp_path: Path) -> None:
     entry = tmp_path / "exports" / "tiny-abc"
+    lock = entry.parent / ".tiny-abc.lock"
     calls: list[str] = []
-    started = threading.Event()
+    waited: list[bool] = []
+    started, second_done = threading.Event(), threading.Event()
 
     def produce(work_dir: Path) -> None:
         calls.append(threading.current_thread().name)
-        started.set()
-        time.sleep(0.3)  # the second run asks for the entry while this one is producing it
+        if threading.current_thread().name == "first":
+            started.set()
+            # Hold the entry until the second run is seen blocked on its lock, however slow the host. Without the
+            # lock the second never blocks: it produces the entry itself and ends, and this one stops waiting.
+            deadline = time.monotonic() + 60  # a hang guard only
+            while not blocked_lock_requests(lock) and not second_done.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            waited.append(blocked_lock_requests(lock) == 1)
         (work_dir / "model.onnx").write_bytes(b"graph")
         (work_dir / "export.json").write_text("{}")
 
@@ -56,15 +76,19 @@ def test_two_runs_sharing_a_key_produce_it_once(tmp_path: Path) -> None:
             produced[name] = produce_directory(entry, "abc", produce, has_model)
         except BaseException as error:  # collected and asserted in the test, not in the thread
             errors.append(error)
+        finally:
+            if name == "second":
+                second_done.set()
 
     first = threading.Thread(target=run, args=("first",), name="first")
     second = threading.Thread(target=run, args=("second",), name="second")
     first.start()
-    assert started.wait(10)
+    assert started.wait(60)
     second.start()
-    first.join(10)
-    second.join(10)
+    first.join(60)
+    second.join(60)
 
+    assert waited == [True]  # the second run asked while the first was producing, and waited for it
     assert errors == []
     assert calls == ["first"]
     assert produced == {"first": True, "second": False}

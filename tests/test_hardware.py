@@ -17,6 +17,8 @@ from blip_triton_bench.hardware import (
     read_cpu_model,
 )
 
+pytestmark = pytest.mark.unit
+
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "560.35.03", 81559)
 
 

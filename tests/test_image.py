@@ -20,6 +20,8 @@ from blip_triton_bench.image import (
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.container import NGC_GPU_IMAGE, default_image, device_requests, resolve_gpus
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def server_dir(tmp_path: Path) -> Path:

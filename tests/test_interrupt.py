@@ -13,14 +13,20 @@ import pytest
 
 from blip_triton_bench.servers.container import CONTAINER_LABEL, docker_available
 
+pytestmark = pytest.mark.faults
+
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 
 
-def our_containers() -> list[str]:
+def our_containers() -> set[str]:
+    """Every container on the engine with the suite's label: this run's, and any another session left or runs."""
     listed = subprocess.run(
-        ["docker", "ps", "-a", "-q", "--filter", f"label={CONTAINER_LABEL}"], capture_output=True, text=True, check=True
+        ["docker", "ps", "-a", "-q", "--no-trunc", "--filter", f"label={CONTAINER_LABEL}"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    return listed.stdout.split()
+    return set(listed.stdout.split())
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -34,6 +40,7 @@ def test_sigint_mid_sweep_leaves_no_server_behind(server: str, tmp_path: Path) -
     if server == "container" and not docker_available():
         pytest.skip("no Docker engine answers here: start one with server/docker_engine.sh to test this provider")
     basetemp = tmp_path / "basetemp"
+    before = our_containers() if server == "container" else set()  # not this run's: it must leave them alone
     process = subprocess.Popen(
         [
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--model", "tiny", "--server", server,
@@ -59,7 +66,7 @@ def test_sigint_mid_sweep_leaves_no_server_behind(server: str, tmp_path: Path) -
                 break
         assert any(line.startswith("[perf]") for line in output), "".join(output)[-3000:]
         if server == "container":
-            assert our_containers(), "the sweep should be running in a container"
+            assert our_containers() - before, "the sweep should be running in a container"
         process.send_signal(signal.SIGINT)
         output.append(process.communicate(timeout=180)[0])
     finally:
@@ -69,4 +76,4 @@ def test_sigint_mid_sweep_leaves_no_server_behind(server: str, tmp_path: Path) -
     assert "KeyboardInterrupt" in text, text[-3000:]
     assert processes_mentioning(str(basetemp)) == []  # no tritonserver serving from this run's directories
     if server == "container":
-        assert our_containers() == []
+        assert our_containers() - before == set()  # the run's own container is gone

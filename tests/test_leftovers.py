@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from blip_triton_bench.files import produce_directory
 from blip_triton_bench.leftovers import (
     OWNER_HOST_LABEL,
@@ -29,6 +31,7 @@ def dead_pid() -> int:
     return child.pid
 
 
+@pytest.mark.unit
 def test_only_our_shm_names_with_a_gone_pid_are_stale() -> None:
     names = [
         "blip-bench-100-0123456789ab-input",  # suite's region, owner gone
@@ -45,6 +48,7 @@ def test_only_our_shm_names_with_a_gone_pid_are_stale() -> None:
     ]
 
 
+@pytest.mark.unit
 def test_names_the_suite_and_the_server_create_are_recognised() -> None:
     # What shared_memory.py and the local provider's prefix really produce, not a hand-written copy.
     region = f"{level_tag(pid=100)}-input"
@@ -52,11 +56,13 @@ def test_names_the_suite_and_the_server_create_are_recognised() -> None:
     assert stale_shm_names([region, python_backend], live_pids=set()) == sorted([region, python_backend])
 
 
+@pytest.mark.unit
 def test_only_work_folders_with_a_gone_pid_are_stale() -> None:
     names = [".tmp-3f9a0c12-pid100-k2_x9abc", ".tmp-3f9a0c12-pid200-zz81q0aa", ".tmp-3f9a0c12-q8x7", "base-3f9a0c12"]
     assert stale_temp_dirs(names, live_pids={200}) == [".tmp-3f9a0c12-pid100-k2_x9abc"]
 
 
+@pytest.mark.unit
 def test_only_this_hosts_containers_with_a_gone_owner_are_stale() -> None:
     containers = [
         ContainerInfo("gone", {OWNER_PID_LABEL: "100", OWNER_HOST_LABEL: "ci-7"}),
@@ -67,6 +73,7 @@ def test_only_this_hosts_containers_with_a_gone_owner_are_stale() -> None:
     assert stale_containers(containers, "ci-7", live_pids={200}) == ["gone"]
 
 
+@pytest.mark.faults
 def test_cleanup_removes_a_killed_sessions_shm_and_work_folder_and_keeps_live_ones(tmp_path: Path) -> None:
     shm_dir, cache = Path("/dev/shm"), tmp_path / "cache"
     gone = dead_pid()
@@ -94,6 +101,7 @@ def test_cleanup_removes_a_killed_sessions_shm_and_work_folder_and_keeps_live_on
             path.unlink(missing_ok=True)
 
 
+@pytest.mark.unit
 def test_stubs_of_a_killed_session_are_stale_and_other_servers_stubs_are_not() -> None:
     stub = "/tmp/x/backends/python/triton_python_backend_stub"
     command_lines = {

@@ -18,6 +18,8 @@ from blip_triton_bench.load import (
     statistics_delta,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def test_perf_analyzer_range_syntax() -> None:
     assert parse_range("1:4:1", "--concurrency") == [1, 2, 3, 4]

@@ -16,6 +16,8 @@ from ray.cluster_utils import Cluster
 
 from tests.test_fault_injection import Suite, assert_no_leftovers
 
+pytestmark = pytest.mark.e2e
+
 
 def ray_processes(before: set[int]) -> list[psutil.Process]:
     """This process's descendants that Ray started since `before` was taken: GCS, raylets, their workers."""

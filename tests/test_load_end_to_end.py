@@ -19,6 +19,8 @@ from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, LoadSet
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 from blip_triton_bench.workload import ModelInputs
 
+pytestmark = pytest.mark.server
+
 SERVICE_MS = 20.0
 VOCAB = 8
 SETTINGS = LoadSettings(window_s=1.0, warmup_s=0.5, max_windows=4, min_requests_per_window=1)

@@ -11,6 +11,8 @@ from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, _Comple
 from blip_triton_bench.load_workers import WorkerPool, in_windows, split_level
 from blip_triton_bench.stats import WindowSample
 
+pytestmark = pytest.mark.unit
+
 
 def test_concurrency_is_dealt_out_in_whole_requests_and_a_rate_divided() -> None:
     assert split_level(LoadLevel(CONCURRENCY, 5), 2) == [LoadLevel(CONCURRENCY, 3), LoadLevel(CONCURRENCY, 2)]

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.test_fault_injection import RunningSuite, Suite, assert_no_leftovers
 
@@ -40,6 +41,7 @@ def verdicts(levels: list[dict]) -> dict[tuple[str, str, str], str]:
     }
 
 
+@pytest.mark.e2e
 def test_two_workers_give_one_clients_verdicts_and_every_request_they_completed(tmp_path: Path) -> None:
     suite = Suite(tmp_path)
     recorded = suite.run("suite/test_serving_correctness.py", "suite/test_perf.py", "--update-baselines")
@@ -71,6 +73,7 @@ def workers_mid_level(running: RunningSuite) -> list[psutil.Process]:
     return workers
 
 
+@pytest.mark.faults
 def test_a_worker_killed_mid_level_fails_the_level_with_its_name_and_the_other_is_stopped(tmp_path: Path) -> None:
     suite = Suite(tmp_path)
     with suite.started("suite/test_perf.py", *WORKERS) as running:
@@ -87,6 +90,7 @@ def test_a_worker_killed_mid_level_fails_the_level_with_its_name_and_the_other_i
     assert_no_leftovers(run)
 
 
+@pytest.mark.faults
 def test_ctrl_c_mid_level_leaves_no_load_worker_behind(tmp_path: Path) -> None:
     suite = Suite(tmp_path)
     with suite.started("suite/test_perf.py", *WORKERS) as running:

@@ -21,8 +21,11 @@ import tritonclient.http as triton_http
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
+from blip_triton_bench.hardware import query_gpus
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
+
+pytestmark = pytest.mark.server
 
 DOUBLER_IO = """
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
@@ -167,13 +170,21 @@ def test_missing_provider_names_it_and_the_config_field(server: LocalServer) -> 
 
 
 def test_gpu_instance_on_a_host_without_one_fails_to_load_clearly(server: LocalServer) -> None:
+    # What this host lacks, read as the package reads it: nvidia-smi's GPUs and onnxruntime's providers.
+    has_gpu = bool(query_gpus())
+    if has_gpu and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("needs a host without a GPU or without onnxruntime-gpu: this one serves a KIND_GPU instance")
     with pytest.raises(ServerStartError) as error:
         server.load_model("wants_gpu")
     message = str(error.value)
-    assert "Triton failed to load model 'wants_gpu'" in message
-    # Triton itself refuses a GPU id it cannot see; with GPUs but a CPU-only onnxruntime, the backend names
-    # the missing CUDAExecutionProvider instead.
-    assert "gpu" in message.lower()
+    assert message.startswith("Triton failed to load model 'wants_gpu': ")
+    # The cause comes before the quoted log lines, which name the model `wants_gpu` whatever the cause.
+    cause = message.split("\nServer log lines about 'wants_gpu'")[0]
+    if has_gpu:  # GPUs but a CPU-only onnxruntime: the backend names the missing provider and the fix
+        assert "instance_group kind KIND_GPU (device 0) needs ONNX Runtime's CUDAExecutionProvider" in cause
+        assert "install onnxruntime-gpu" in cause
+    else:  # no GPU: Triton itself refuses a GPU id it cannot see
+        assert "instance group wants_gpu_0 of model wants_gpu specifies invalid or unsupported gpu id 0" in cause
     assert "Server log lines about 'wants_gpu'" in message
 
 

@@ -15,6 +15,8 @@ from blip_triton_bench.baselines import SCHEMA_VERSION, Baseline, BaselineStore,
 from blip_triton_bench.stats import detectable_change_pct
 from blip_triton_bench.verdict import SIGNIFICANCE_P, VerdictStatus, compare, compare_distribution, compare_level
 
+pytestmark = pytest.mark.unit
+
 LEVEL = "concurrency=1"
 THROUGHPUT = "throughput_infer_per_s"
 #: three recorded runs, each within +-1 % of 10 infer/s

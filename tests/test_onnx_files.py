@@ -15,6 +15,8 @@ from blip_triton_bench.ceiling import stage_ceiling_model
 from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
 from blip_triton_bench.onnx_files import OnnxFileError, ir_version_to_write, make_file_loadable, save_model
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_ir_version_is_capped_by_onnxruntime_and_never_raised() -> None:
     assert ir_version_to_write(14, 13, 8) == 13  # onnx 1.23's default, onnxruntime 1.31.1's max

@@ -11,6 +11,8 @@ import pytest
 
 from blip_triton_bench.servers.local import BACKEND_SOURCE, pytriton_paths
 
+pytestmark = pytest.mark.unit
+
 #: What ONNX Runtime 1.31.1 logged on the GPU host for trt_model without TensorRT (docs: shared/notes/gpu-host.md).
 TENSORRT_LOAD_FAILURE = (
     "[E:onnxruntime:Default, provider_bridge_ort.cc:2167 TryGetProviderInfo_TensorRT] provider_bridge_ort.cc:1778 "

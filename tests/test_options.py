@@ -10,6 +10,8 @@ import pytest
 from blip_triton_bench.options import BenchOptions, OptionError, check_options
 from blip_triton_bench.repository import discover_variants
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = discover_variants(ROOT / "model_repository")
 

@@ -10,6 +10,8 @@ from blip_triton_bench.load import LoadSettings
 from blip_triton_bench.perf import PerfConfigError, PerfSettings, variant_levels, variant_tolerance_pct
 from blip_triton_bench.repository import discover_variants, load_variant
 
+pytestmark = pytest.mark.unit
+
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 DEFAULTS = PerfSettings(load=LoadSettings(), concurrency=None, request_rate=None, tolerance_pct=None)
 

@@ -20,6 +20,8 @@ from blip_triton_bench.model import LoadedModel, ModelSpec, load_model
 from blip_triton_bench.quantize import DEFAULT_RECIPE, QuantizationRecipe, quantize_model
 from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
 
+pytestmark = pytest.mark.unit
+
 IMAGES = ("astronaut", "coffee", "chelsea")  # as suite/test_accuracy.py
 
 

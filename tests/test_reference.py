@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tritonclient.grpc import model_config_pb2
 
 from blip_triton_bench.reference import CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER, reference_provider
 from blip_triton_bench.repository import discover_variants, parse_config
+
+pytestmark = pytest.mark.unit
 
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 GPU_ONNXRUNTIME = [TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPOSITORY_ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt"
 # Short windows and a loose stability criterion keep the test quick on a noisy 2-core machine; the slowdown

@@ -19,6 +19,8 @@ from blip_triton_bench.selection import serving_efficiency
 from blip_triton_bench.stats import WindowSample, assess_stability, summarize_level
 from blip_triton_bench.verdict import compare_level
 
+pytestmark = pytest.mark.unit
+
 
 def judged_level(
     variant: str,

@@ -25,6 +25,8 @@ from blip_triton_bench.repository import (
     with_composing_models,
 )
 
+pytestmark = pytest.mark.unit
+
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 CPU_ONLY = ServerProviders(("CPUExecutionProvider",))
 GPU_BUILD = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

@@ -19,6 +19,8 @@ from blip_triton_bench.servers.base import Endpoints
 from blip_triton_bench.servers.container import container_gpu_indices
 from blip_triton_bench.servers.external import ExternalServer
 
+pytestmark = pytest.mark.unit
+
 
 def sample(time_s: float, cpu_s: dict[str, float] | None, rss_mb: float = 100.0, gpus=()) -> ResourceSample:
     process = ProcessReading(cpu_s=cpu_s, rss_mb=rss_mb) if cpu_s is not None else None

@@ -1,5 +1,6 @@
 """Resource metrics on a real local Triton serving the tiny BLIP: the perf run samples tritonserver and its
-Python backend stubs during a level's measured windows; this GPU-less host has no GPU metrics, and says why."""
+Python backend stubs during a level's measured windows, and the server's GPUs where NVML sees them (on a host without
+one, no GPU metrics and the reason why)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from blip_triton_bench.model import ModelSpec, load_model
 from blip_triton_bench.options import default_cache_dir
 from blip_triton_bench.perf import PerfRun, PerfSettings
 from blip_triton_bench.repository import discover_variants, stage_repository
+from blip_triton_bench.resources import NvmlGpus
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 from blip_triton_bench.workload import build_inputs
 from tests.test_baselines import fingerprint  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.server
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 VARIANT = "base_model_cpu"
@@ -39,7 +43,7 @@ def server(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServ
         yield running
 
 
-def test_a_level_records_the_servers_cpu_and_memory_and_no_gpu_here(
+def test_a_level_records_the_servers_cpu_and_memory_and_its_gpus_where_nvml_sees_them(
     server: LocalServer,
     tiny,
     tmp_path: Path,
@@ -62,5 +66,15 @@ def test_a_level_records_the_servers_cpu_and_memory_and_no_gpu_here(
     assert usage.server_cpu_pct_mean is not None and usage.server_cpu_pct_mean > 0  # the stub did the work
     assert usage.server_cpu_pct_max >= usage.server_cpu_pct_mean
     assert usage.server_rss_mb_max is not None and usage.server_rss_mb_max > 0
-    assert (usage.gpu_util_pct_mean, usage.gpu_memory_mb_max, usage.gpu_power_w_mean) == (None, None, None)
-    assert any(reason.startswith("GPU: NVML") for reason in usage.unavailable)
+    # What this host offers, read as the sampler reads it: NVML, on the GPUs the server was given.
+    gpus = NvmlGpus(server.resource_source().gpu_indices)
+    try:
+        host_has_gpus, no_gpu_reason = gpus.available, gpus.reason
+    finally:
+        gpus.close()
+    if host_has_gpus:
+        assert usage.gpu_memory_mb_max is not None and usage.gpu_util_pct_mean is not None
+        assert not any(reason.startswith("GPU:") for reason in usage.unavailable)
+    else:
+        assert (usage.gpu_util_pct_mean, usage.gpu_memory_mb_max, usage.gpu_power_w_mean) == (None, None, None)
+        assert no_gpu_reason.startswith("GPU: ") and no_gpu_reason in usage.unavailable

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+pytestmark = pytest.mark.faults
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 LEVELS = "1:3:1"

@@ -23,6 +23,7 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = REPOSITORY_ROOT / "model_repository"
 
 
+@pytest.mark.unit
 def test_gate_needs_the_exports_and_the_variants_own_correctness_to_pass() -> None:
     session = BenchSession()
     assert "did not run" in session.correctness_gate("a")
@@ -36,6 +37,7 @@ def test_gate_needs_the_exports_and_the_variants_own_correctness_to_pass() -> No
     assert other.correctness_gate("b") == "its correctness tests failed"
 
 
+@pytest.mark.unit
 def test_a_variants_load_time_counts_the_models_it_calls_and_the_first_load_wins() -> None:
     variants = {variant.name: variant for variant in discover_variants(REPOSITORY)}
     session = BenchSession(variants=[variants["blip_caption"]])
@@ -69,6 +71,7 @@ def gated_session(run: PerfRun, *variants: str) -> BenchSession:
     return session
 
 
+@pytest.mark.unit
 def test_finish_records_only_gated_variants_and_writes_the_report(tmp_path: Path, fingerprint) -> None:  # noqa: F811
     store = BaselineStore(tmp_path / "baselines")
     run = perf_run(store, fingerprint)
@@ -95,11 +98,13 @@ def test_finish_records_only_gated_variants_and_writes_the_report(tmp_path: Path
     assert any(line.startswith("report: ") for line in summary)
 
 
+@pytest.mark.unit
 def test_finish_without_measurements_writes_nothing(tmp_path: Path) -> None:
     BenchSession().finish(tmp_path / "report", update_baselines=True)
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.unit
 def test_a_variant_whose_baseline_cannot_be_written_does_not_stop_the_others(
     tmp_path: Path,
     fingerprint,  # noqa: F811
@@ -129,6 +134,7 @@ def test_a_variant_whose_baseline_cannot_be_written_does_not_stop_the_others(
     )
 
 
+@pytest.mark.unit
 def test_a_file_where_the_baseline_directory_must_be_is_reported_per_variant(
     tmp_path: Path,
     fingerprint,  # noqa: F811
@@ -147,6 +153,7 @@ def test_a_file_where_the_baseline_directory_must_be_is_reported_per_variant(
     assert (tmp_path / "report" / "report.md").exists()
 
 
+@pytest.mark.unit
 def test_a_report_that_cannot_be_written_is_one_summary_line_and_the_tables_stay(
     tmp_path: Path,
     fingerprint,  # noqa: F811
@@ -186,6 +193,7 @@ def test_measures(bench_session, bench_options, fingerprint):
 """
 
 
+@pytest.mark.e2e
 def test_writes_that_fail_at_the_end_fail_the_run_in_summary_lines_without_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "test_synthetic.py").write_text(SYNTHETIC_TEST)
     for blocked in ("baselines", "reports"):

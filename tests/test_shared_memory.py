@@ -45,6 +45,7 @@ def blip_inputs() -> ModelInputs:
 # ------------------------------------------------------------------------------------ pure bookkeeping
 
 
+@pytest.mark.unit
 def test_plan_puts_the_inputs_back_to_back_and_sizes_outputs_from_the_model_shape() -> None:
     arrays = blip_inputs().as_dict()
     shape = resolve_output_shape([-1, -1, VOCAB], 1, SEQUENCE, "m")
@@ -61,18 +62,21 @@ def test_plan_puts_the_inputs_back_to_back_and_sizes_outputs_from_the_model_shap
     assert [plan.output_region(slot) for slot in (0, 1)] == ["blip-bench-1-abc-logits-0", "blip-bench-1-abc-logits-1"]
 
 
+@pytest.mark.unit
 def test_output_shape_needs_every_dynamic_dim_resolvable() -> None:
     assert resolve_output_shape([4, -1, 8], 2, 3, "m") == (4, 2, 8)
     with pytest.raises(SharedMemoryError, match=r"model m: output shape \[-1, -1, -1\]"):
         resolve_output_shape([-1, -1, -1], 1, 16, "m")
 
 
+@pytest.mark.unit
 def test_level_tags_are_unique_and_say_whose_they_are() -> None:
     tags = {level_tag() for _ in range(100)}
     assert len(tags) == 100
     assert level_tag(pid=42, token="abc") == f"{REGION_PREFIX}-42-abc"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("url", "local"),
     [
@@ -88,6 +92,7 @@ def test_loopback_urls(url: str, local: bool) -> None:
     assert is_loopback(url) is local
 
 
+@pytest.mark.unit
 def test_a_server_on_another_host_is_refused_before_anything_is_created() -> None:
     with pytest.raises(SharedMemoryError, match=r"--shared-memory system needs the server on this host.*10\.0\.0\.5"):
         check_options("system", "external", "10.0.0.5:8000", None)
@@ -100,6 +105,7 @@ def test_a_server_on_another_host_is_refused_before_anything_is_created() -> Non
         asyncio.run(_one_output("10.0.0.5:8001", "grpc", "any", SYSTEM))
 
 
+@pytest.mark.unit
 def test_cuda_without_a_gpu_says_so() -> None:
     try:
         shared_memory_kind("cuda")
@@ -149,6 +155,7 @@ def ours_left_behind(server: LocalServer) -> tuple[list[str], list[str]]:
     return [name for name in registered if name.startswith(mine)], files
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_system_shared_memory_returns_the_same_logits_and_leaves_nothing(
     server: tuple[LocalServer, str], protocol: str
@@ -170,6 +177,7 @@ def test_system_shared_memory_returns_the_same_logits_and_leaves_nothing(
     assert ours_left_behind(running) == ([], [])
 
 
+@pytest.mark.server
 def test_open_loop_adds_output_slots_and_releases_them(server: tuple[LocalServer, str]) -> None:
     running, model = server
     level = measure_level(running.endpoints.grpc_url, model, blip_inputs(), LoadLevel(REQUEST_RATE, 4), SYSTEM)
@@ -177,6 +185,7 @@ def test_open_loop_adds_output_slots_and_releases_them(server: tuple[LocalServer
     assert ours_left_behind(running) == ([], [])
 
 
+@pytest.mark.server
 def test_a_level_that_fails_still_releases_its_regions(server: tuple[LocalServer, str]) -> None:
     running, model = server
 
@@ -190,12 +199,14 @@ def test_a_level_that_fails_still_releases_its_regions(server: tuple[LocalServer
     assert ours_left_behind(running) == ([], [])
 
 
+@pytest.mark.unit
 def test_reachability_is_checked_on_the_url_the_load_uses() -> None:
     check_reachable("system", "127.0.0.1:8001")
     with pytest.raises(SharedMemoryError):
         check_reachable("cuda", "gpu-box:8001")
 
 
+@pytest.mark.unit
 def test_a_container_shares_host_ipc_only_under_shared_memory() -> None:
     from blip_triton_bench.servers.container import ipc_options
 

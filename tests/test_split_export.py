@@ -38,6 +38,8 @@ from blip_triton_bench.split_export import (
 )
 from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
 
+pytestmark = pytest.mark.unit
+
 MAX_NEW_TOKENS = 12
 
 #: Both sides are float32 ONNX Runtime on the same weights; only the attention's summation order differs (the

@@ -17,6 +17,8 @@ from blip_triton_bench.stats import (
     summarize_window,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def window(throughput_infer_per_s: float, latency_ms: float = 40.0, duration_s: float = 1.0) -> WindowSample:
     """A window of `throughput x duration` requests that all took `latency_ms`."""

@@ -22,6 +22,8 @@ from blip_triton_bench.servers.local import LocalProvider, LocalServer
 from blip_triton_bench.servers.stub_env import stub_interpreter
 from blip_triton_bench.workload import build_inputs
 
+pytestmark = pytest.mark.server
+
 CONFIG = """
 name: "logits"
 platform: "onnxruntime_onnx"
@@ -35,8 +37,11 @@ output [ { name: "logits" data_type: TYPE_FP32 dims: [ -1, 30524 ] } ]
 instance_group [ { kind: KIND_CPU count: 1 } ]
 parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 """
-#: onnxruntime pinned to the suite's own, so the two stubs differ in numpy only.
-NUMPY_2_STUB = ("numpy>=2", f"onnxruntime=={onnxruntime.__version__}")
+#: Exact pins, so every run tests the same numpy 2 and the stub's venv, keyed by its requirements, is built (and
+#: downloaded) once per cache, not again whenever a newer numpy appears. 2.4.6: the newest numpy 2 with wheels for
+#: Python 3.11 (the project's lowest) through 3.14. onnxruntime pinned to the suite's own, so the two stubs differ
+#: in numpy only.
+NUMPY_2_STUB = ("numpy==2.4.6", f"onnxruntime=={onnxruntime.__version__}")
 BATCH_SIZE = 2
 SEQUENCE_LENGTH = 16
 

@@ -19,6 +19,8 @@ from blip_triton_bench.student import (
     teacher_parameter_name,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:

@@ -36,6 +36,8 @@ from blip_triton_bench.sweep import (
     write_config,
 )
 
+pytestmark = pytest.mark.unit
+
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 BASE = "base_model_cpu"
 

@@ -6,6 +6,8 @@ import pytest
 
 from blip_triton_bench.verdict import VerdictStatus, compare, compare_level
 
+pytestmark = pytest.mark.unit
+
 
 def test_a_20_percent_throughput_drop_with_small_spread_is_a_regression() -> None:
     verdict = compare("throughput_infer_per_s", 24.30, 19.40, spread_pct=3.1)
