@@ -96,8 +96,11 @@ def captioner_repository(destination: Path, vision_batching: str | None = None) 
 
 def test_a_caption_level_is_compared_in_tokens_per_second_each_side_with_its_own_models(tmp_path: Path) -> None:
     """The 'before' captioner is staged with its own vision encoder and decoder (renamed with it): a vision encoder
-    that now waits 40 ms for a batch it never fills slows every caption, and only the 'after' side's."""
-    slowed_vision = "dynamic_batching {\n  preferred_batch_size: [ 8 ]\n  max_queue_delay_microseconds: 40000\n}"
+    that now waits 250 ms for a batch it never fills slows every caption, and only the 'after' side's.
+
+    The margin: every slowed caption is 250 ms later, and the check asks for half of that in p99. With 40 ms the two
+    sides' p99 came out 292 ms against 297 ms on a busy 2-core host: the noise was larger than the effect."""
+    slowed_vision = "dynamic_batching {\n  preferred_batch_size: [ 8 ]\n  max_queue_delay_microseconds: 250000\n}"
     slowed = captioner_repository(tmp_path / "slow", slowed_vision)
     regressed = run_ab(slowed, tmp_path / "r1", *QUICK_CAPTION_AB, variant="blip_caption")
     assert regressed.returncode == 1, regressed.stdout[-4000:]
@@ -111,7 +114,7 @@ def test_a_caption_level_is_compared_in_tokens_per_second_each_side_with_its_own
     assert compared["unit"] == "output tokens/s" and compared["level"] == "caption_concurrency=1"
     assert compared["status"] == "regression" and compared["effect_pct"] < -15
     assert len(compared["before_per_round"]) == len(compared["after_per_round"]) == 6
-    assert compared["after_p99_ms"] > compared["before_p99_ms"] + 30  # whole captions, each 40 ms later
+    assert compared["after_p99_ms"] > compared["before_p99_ms"] + 125  # whole captions, each 250 ms later
 
     unchanged = run_ab(
         captioner_repository(tmp_path / "same"), tmp_path / "r2", "--tolerance-pct", "15", *QUICK_CAPTION_AB,

@@ -1,7 +1,9 @@
-"""Ctrl-C in the middle of a sweep leaves nothing running: no tritonserver process, no container of ours."""
+"""Ctrl-C (SIGINT) or SIGTERM in the middle of a run of load levels leaves nothing running (no tritonserver process,
+no container of ours) and still writes the report with the levels measured before it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -35,8 +37,14 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("server", ["local", "container"])
-def test_sigint_mid_sweep_leaves_no_server_behind(server: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("server", "signal_number"),
+    [("local", signal.SIGINT), ("local", signal.SIGTERM), ("container", signal.SIGINT)],
+    ids=["local-SIGINT", "local-SIGTERM", "container-SIGINT"],
+)
+def test_a_signal_mid_level_leaves_no_server_behind_and_keeps_the_report(
+    server: str, signal_number: signal.Signals, tmp_path: Path
+) -> None:
     if server == "container" and not docker_available():
         pytest.skip("no Docker engine answers here: start one with server/docker_engine.sh to test this provider")
     basetemp = tmp_path / "basetemp"
@@ -67,13 +75,16 @@ def test_sigint_mid_sweep_leaves_no_server_behind(server: str, tmp_path: Path) -
         assert any(line.startswith("[perf]") for line in output), "".join(output)[-3000:]
         if server == "container":
             assert our_containers() - before, "the sweep should be running in a container"
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal_number)
         output.append(process.communicate(timeout=180)[0])
     finally:
         if process.poll() is None:
             process.kill()
     text = "".join(output)
-    assert "KeyboardInterrupt" in text, text[-3000:]
+    assert "KeyboardInterrupt" in text, text[-3000:]  # SIGTERM is handled as an interrupt too
+    # The levels measured before the signal are in the report it still wrote.
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results["levels"], text[-3000:]
     assert processes_mentioning(str(basetemp)) == []  # no tritonserver serving from this run's directories
     if server == "container":
         assert our_containers() - before == set()  # the run's own container is gone

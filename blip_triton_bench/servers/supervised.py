@@ -61,6 +61,7 @@ class SupervisedServer(RunningServer):
         self._loaded: dict[str, Variant | None] = {}
         self.deaths: list[ServerDeath] = []
         self.generation = 0  # how many servers took a dead one's place
+        self._closed = False
 
     def __enter__(self) -> SupervisedServer:
         current = self._stack.enter_context(self._provider.start(self._repository))
@@ -69,6 +70,7 @@ class SupervisedServer(RunningServer):
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._closed = True  # stopped on purpose from here on: no death to report, nothing to replace
         self._stack.close()
 
     def _adopt(self, server: RunningServer) -> None:
@@ -91,8 +93,9 @@ class SupervisedServer(RunningServer):
     # ---- watching ----
 
     def death(self) -> str | None:
-        """None while the server lives; else how it ended, in its own words (exit code or signal, container state)."""
-        return self.current.liveness()
+        """None while the server lives (or once it was stopped on purpose); else how it ended, in its own words
+        (exit code or signal, container state)."""
+        return None if self._closed else self.current.liveness()
 
     def account_for_death(self, cause: str, during: str) -> ServerDeath:
         """Record the death once, and replace the server where the suite owns it. A replacement that cannot start
