@@ -30,7 +30,7 @@ from blip_triton_bench.load import (
     LoadLevel,
     LoadSettings,
     LoadSpecError,
-    arrival_gaps_s,
+    arrival_gaps,
     parse_range,
 )
 from blip_triton_bench.stats import (
@@ -337,9 +337,8 @@ def _open_loop(url: str, request: CaptionRequest, rate: float, settings: LoadSet
             in_flight.leave()
 
     def dispatch() -> None:
-        longest_s = settings.warmup_s + settings.window_s * MAX_WINDOW_STRETCH * settings.max_windows
         scheduled = time.perf_counter()
-        for gap in arrival_gaps_s(rate, int(rate * longest_s) + 16, settings.arrival, settings.seed):
+        for gap in arrival_gaps(rate, settings.arrival, settings.seed):  # until the level sets `stopping`
             scheduled += gap
             if stopping.wait(max(0.0, scheduled - time.perf_counter())):
                 return

@@ -63,6 +63,8 @@ class BenchSession:
     leftovers_removed: list[str] = field(default_factory=list)  # what a killed session left, removed at this start
     server: RunningServer | None = None
     server_deaths: list[ServerDeath] = field(default_factory=list)  # in the order they were noticed
+    running_test: str | None = None  # the test in progress, if any
+    interrupted_during: str | None = None  # the test Ctrl-C or SIGTERM ended the run in ("between tests" if none)
     disconnects: dict[str, AbandonOutcome] = field(default_factory=dict)  # captioner -> --disconnect-stress outcome
     model_loads: dict[str, ModelLoad | ServerStartError] = field(default_factory=dict)
     correctness: list[str] = field(default_factory=list)
@@ -137,7 +139,17 @@ class BenchSession:
         happened to the baselines. Neither raises for a write that fails: the outcome and the summary say it."""
         perf = self.perf
         measured = perf is not None and bool(perf.results or perf.startup_results or perf.failed_levels)
-        if not measured and not (self.ab is not None and self.ab.results) and not self.disconnects:
+        recorded = (
+            measured
+            or (self.ab is not None and self.ab.results)
+            or self.disconnects
+            or self.accuracy
+            or self.caption_latency
+            or self.caption_load
+            or self.sweep_lines
+            or self.interrupted_during is not None
+        )
+        if not recorded:
             return self.outcome  # server deaths are in it already
         from blip_triton_bench.perf import record_baselines
 

@@ -1,4 +1,5 @@
-"""Shared fixtures of the machinery's tests: one tiny model, one tiny export and one staged captioner per session.
+"""Shared fixtures of the machinery's tests: one tiny model, one tiny export, one staged captioner and one recorded
+tiny baseline store per session.
 
 Each is built once and handed out; a test that changes what it got copies it first.
 """
@@ -54,3 +55,17 @@ def staged_captioner(tiny_artifacts, tmp_path_factory: pytest.TempPathFactory) -
     return stage_repository(
         chosen, lambda variant: tiny_artifacts.files_for(variant, scratch), tmp_path_factory.mktemp("captioner-repo")
     )
+
+
+@pytest.fixture(scope="session")
+def recorded_tiny_baselines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One baseline store per session, recorded by the suite as a user would (`--update-baselines`) for the seed's
+    base_model_cpu at suite_runs.QUICK_LEVEL. Tests copy it (`copy_recorded_baselines`) instead of recording their
+    own; a test of recording itself (test_regression_end_to_end.py) still records."""
+    from tests.suite_runs import Suite
+
+    suite = Suite(tmp_path_factory.mktemp("recorded-baselines"))
+    recorded = suite.run("suite/test_serving_correctness.py", "suite/test_perf.py", "--update-baselines")
+    assert recorded.returncode == 0, recorded.output[-4000:]
+    assert len(list(suite.baseline_dir.rglob("base_model_cpu.json"))) == 1, recorded.output[-4000:]
+    return suite.baseline_dir

@@ -49,6 +49,7 @@ def repository_with(destination: Path, config_text: str) -> Path:
     return destination
 
 
+@pytest.mark.serial
 def test_a_slowed_repository_fails_against_the_seed_and_an_unchanged_copy_passes(tmp_path: Path) -> None:
     seed = SEED_CONFIG.read_text()
     slowed = seed.replace("preferred_batch_size: [ 1, 2, 4, 8 ]", "preferred_batch_size: [ 8 ]").replace(
@@ -94,6 +95,7 @@ def captioner_repository(destination: Path, vision_batching: str | None = None) 
     return destination
 
 
+@pytest.mark.serial
 def test_a_caption_level_is_compared_in_tokens_per_second_each_side_with_its_own_models(tmp_path: Path) -> None:
     """The 'before' captioner is staged with its own vision encoder and decoder (renamed with it): a vision encoder
     that now waits 250 ms for a batch it never fills slows every caption, and only the 'after' side's.
@@ -196,6 +198,7 @@ def run_against_server(server, after: Path, reports: Path) -> subprocess.Complet
     return run_ab(after, reports, "--tolerance-pct", "15", reference=reference)
 
 
+@pytest.mark.serial
 def test_two_servers_side_by_side_compare_the_same_variant(tmp_path: Path, reference_server) -> None:
     before = model_control_trace(reference_server)
     same = run_against_server(

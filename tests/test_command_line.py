@@ -160,3 +160,18 @@ def test_shared_memory_that_cannot_work_is_a_usage_error() -> None:
         assert result.returncode == 4
         assert f"--shared-memory cuda needs a GPU and cuda-python: {problem}" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--opset", "16"), "--opset 16: at least 17 (the export's LayerNormalization is an opset 17 operator)"),
+        (("--sequence-length", "0"), "--sequence-length 0: at least 1 token id per request"),
+        (("--request-distribution", "uniform"), "argument --request-distribution: invalid choice: 'uniform'"),
+    ],
+)
+def test_a_value_the_export_or_the_load_cannot_use_is_a_usage_error(option: tuple[str, ...], message: str) -> None:
+    result = run_pytest("--collect-only", *option)
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -27,6 +27,7 @@ from blip_triton_bench.servers.container import CONTAINER_LABEL, ContainerProvid
 
 pytestmark = [
     pytest.mark.server,
+    pytest.mark.serial,  # counts the engine's labelled containers: another test's would show
     pytest.mark.skipif(
         not docker_available(),
         reason="no Docker engine answers: start one with server/docker_engine.sh to run the container provider's tests",

@@ -17,20 +17,15 @@ from blip_triton_bench.workload import build_inputs
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def tiny() -> LoadedModel:
-    return load_model(ModelSpec("tiny"))
-
-
 def run_onnx(path: Path, loaded: LoadedModel) -> np.ndarray:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(["logits"], build_inputs(loaded.description, 2, 5).as_dict())[0]
 
 
-def test_second_export_is_a_cache_hit(tiny: LoadedModel, tmp_path: Path) -> None:
-    first = export_model(tiny, tmp_path)
+def test_second_export_is_a_cache_hit(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    first = export_model(tiny_model, tmp_path)
     mtime = first.onnx_path.stat().st_mtime_ns
-    second = export_model(tiny, tmp_path)
+    second = export_model(tiny_model, tmp_path)
 
     assert not first.from_cache
     assert second.from_cache
@@ -44,14 +39,14 @@ def test_second_export_is_a_cache_hit(tiny: LoadedModel, tmp_path: Path) -> None
     ]
 
 
-def test_cache_key_changes_with_opset_and_weights(tiny: LoadedModel, tmp_path: Path) -> None:
-    opset17 = export_model(tiny, tmp_path, opset=17)
-    opset18 = export_model(tiny, tmp_path, opset=18)
+def test_cache_key_changes_with_opset_and_weights(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    opset17 = export_model(tiny_model, tmp_path, opset=17)
+    opset18 = export_model(tiny_model, tmp_path, opset=18)
     assert opset17.cache_key != opset18.cache_key
 
 
-def test_export_has_dynamic_batch_and_sequence(tiny: LoadedModel, tmp_path: Path) -> None:
-    exported = export_model(tiny, tmp_path)
+def test_export_has_dynamic_batch_and_sequence(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    exported = export_model(tiny_model, tmp_path)
     session = onnxruntime.InferenceSession(str(exported.onnx_path), providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in session.get_inputs()}
     assert inputs["pixel_values"].shape == ["batch", 3, 384, 384]
@@ -59,17 +54,17 @@ def test_export_has_dynamic_batch_and_sequence(tiny: LoadedModel, tmp_path: Path
     assert inputs["attention_mask"].type == "tensor(int64)"
     (output,) = session.get_outputs()
     assert (output.name, output.shape) == ("logits", ["batch", "sequence", 30524])
-    assert run_onnx(exported.onnx_path, tiny).shape == (2, 5, 30524)
+    assert run_onnx(exported.onnx_path, tiny_model).shape == (2, 5, 30524)
 
 
-def test_large_models_use_external_data(tiny: LoadedModel, tmp_path: Path) -> None:
-    inline = export_model(tiny, tmp_path / "inline")
-    external = export_model(tiny, tmp_path / "external", external_data_threshold_bytes=0)
+def test_large_models_use_external_data(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    inline = export_model(tiny_model, tmp_path / "inline")
+    external = export_model(tiny_model, tmp_path / "external", external_data_threshold_bytes=0)
 
     assert [p.name for p in external.artifact_files] == ["model.onnx", "model.onnx.data"]
     # The graph file keeps only tensors under 1 KB inline; the weights live in the data file.
     assert external.onnx_path.stat().st_size * 10 < inline.onnx_path.stat().st_size
-    np.testing.assert_array_equal(run_onnx(external.onnx_path, tiny), run_onnx(inline.onnx_path, tiny))
+    np.testing.assert_array_equal(run_onnx(external.onnx_path, tiny_model), run_onnx(inline.onnx_path, tiny_model))
     for exported in (inline, external):
         assert (
             onnx.load(str(exported.onnx_path), load_external_data=False).ir_version
@@ -77,20 +72,20 @@ def test_large_models_use_external_data(tiny: LoadedModel, tmp_path: Path) -> No
         )
 
 
-def test_a_save_pretrained_directory_goes_through_the_same_path(tiny: LoadedModel, tmp_path: Path) -> None:
+def test_a_save_pretrained_directory_goes_through_the_same_path(tiny_model: LoadedModel, tmp_path: Path) -> None:
     checkpoint = tmp_path / "my-blip"
-    tiny.model.save_pretrained(checkpoint)
-    tiny.description.image_processor.save_pretrained(checkpoint)
+    tiny_model.model.save_pretrained(checkpoint)
+    tiny_model.description.image_processor.save_pretrained(checkpoint)
 
     loaded = load_model(ModelSpec(str(checkpoint)))
 
     assert not loaded.description.spec.is_synthetic
-    assert loaded.weights_sha256 == tiny.weights_sha256
-    assert loaded.description.special_tokens == tiny.description.special_tokens
+    assert loaded.weights_sha256 == tiny_model.weights_sha256
+    assert loaded.description.special_tokens == tiny_model.description.special_tokens
     exported = export_model(loaded, tmp_path / "cache")
     assert exported.directory.name.startswith(f"{tmp_path.name}-my-blip-")
     np.testing.assert_allclose(
-        run_onnx(exported.onnx_path, loaded), run_onnx(export_model(tiny, tmp_path / "c2").onnx_path, tiny)
+        run_onnx(exported.onnx_path, loaded), run_onnx(export_model(tiny_model, tmp_path / "c2").onnx_path, tiny_model)
     )
 
 
@@ -99,13 +94,13 @@ def test_unknown_model_source_is_explained() -> None:
         describe_model(ModelSpec("/no/such/checkpoint"))
 
 
-def test_old_opset_is_refused(tiny: LoadedModel, tmp_path: Path) -> None:
+def test_old_opset_is_refused(tiny_model: LoadedModel, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="opset 13 is too old"):
-        export_model(tiny, tmp_path, opset=13)
+        export_model(tiny_model, tmp_path, opset=13)
 
 
-def test_corrupt_cache_metadata_is_reported_with_its_path(tiny: LoadedModel, tmp_path: Path) -> None:
-    exported = export_model(tiny, tmp_path)
+def test_corrupt_cache_metadata_is_reported_with_its_path(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    exported = export_model(tiny_model, tmp_path)
     (exported.directory / "export.json").write_text("{not json")
     with pytest.raises(ExportError, match=r"export\.json is unreadable .*delete .* and the next run exports again"):
-        export_model(tiny, tmp_path)
+        export_model(tiny_model, tmp_path)

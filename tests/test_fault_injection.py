@@ -9,197 +9,31 @@ docs/faults.md is the table of these faults and what each run keeps.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-import tritonclient.http as triton_http
-from tritonclient.utils import InferenceServerException
 
 from blip_triton_bench.leftovers import STUB_NAME, SYSTEM_SHM_DIR
+from tests.suite_runs import (
+    FAULT_LEVEL,
+    PERF_TEST,
+    SEED_CONFIG,
+    SEED_REPOSITORY,
+    Suite,
+    assert_no_leftovers,
+    baseline_files,
+    copy_recorded_baselines,
+    server_processes,
+    shm_regions_of,
+)
 
 pytestmark = pytest.mark.faults
-
-REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
-SEED_REPOSITORY = REPOSITORY_ROOT / "model_repository"
-SEED_CONFIG = SEED_REPOSITORY / "base_model_cpu" / "config.pbtxt"
-VARIANT = "base_model_cpu"
-PERF_TEST = f"suite/test_perf.py::test_throughput_and_latency[{VARIANT}-concurrency=2]"
-#: A level of at least 1 s warm-up and 3 windows of 3 s: a fault injected once the level's first requests are answered
-#: (RunningSuite.wait_for_perf_level) lands inside it.
-LOAD = ("--concurrency", "2", "--window-s", "3", "--warmup-s", "1", "--max-windows", "10",
-        "--stability-percentage", "30", "--tolerance-pct", "50")  # fmt: skip
-RUN_TIMEOUT_S = 600
-#: How long a wait for an event of the run may take before the test fails: a hang guard, not a speed check.
-EVENT_TIMEOUT_S = 300.0
-
-
-@dataclass(frozen=True)
-class SuiteRun:
-    """One finished pytest process and where its files went."""
-
-    pid: int
-    returncode: int
-    output: str
-    report_dir: Path
-    basetemp: Path
-
-    def results(self) -> dict:
-        return json.loads((self.report_dir / "results.json").read_text())
-
-    def section(self, title: str) -> dict:
-        return self.results()["sections"][title]
-
-
-class Suite:
-    """Runs the suite as a user would, each run in its own folders under `root`."""
-
-    def __init__(self, root: Path, repository: Path = SEED_REPOSITORY, cache_dir: Path | None = None) -> None:
-        self.root = root
-        self.repository = repository
-        self.cache_dir = cache_dir
-        self.runs = 0
-
-    def command(self, *extra: str, report_dir: Path, basetemp: Path) -> list[str]:
-        cache = (f"--cache-dir={self.cache_dir}",) if self.cache_dir is not None else ()
-        return [
-            sys.executable, "-u", "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs",
-            "--model", "tiny", "--server", "local", *cache,
-            f"--model-repository={self.repository}", "--variant", "base_model_cpu",
-            f"--baseline-dir={self.root / 'baselines'}", f"--report-dir={report_dir}", f"--basetemp={basetemp}",
-            *LOAD, *extra,
-        ]  # fmt: skip
-
-    @contextlib.contextmanager
-    def started(self, *extra: str) -> Iterator[RunningSuite]:
-        self.runs += 1
-        report_dir, basetemp = self.root / f"report-{self.runs}", self.root / f"tmp-{self.runs}"
-        log = self.root / f"pytest-{self.runs}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                self.command(*extra, report_dir=report_dir, basetemp=basetemp),
-                cwd=REPOSITORY_ROOT,
-                env={key: value for key, value in os.environ.items() if key != "CI"},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        running = RunningSuite(process, log, report_dir, basetemp)
-        try:
-            yield running
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
-    def run(self, *extra: str) -> SuiteRun:
-        with self.started(*extra) as running:
-            return running.finish()
-
-
-@dataclass
-class RunningSuite:
-    process: subprocess.Popen
-    log: Path
-    report_dir: Path
-    basetemp: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_until(self, happened: Callable[[], bool], what: str, timeout_s: float = EVENT_TIMEOUT_S) -> None:
-        """Poll `happened` until it is true; fail naming `what` if pytest ends first or the hang guard runs out."""
-        deadline = time.monotonic() + timeout_s
-        while not happened():
-            if self.process.poll() is not None:
-                raise AssertionError(f"pytest ended before {what}:\n{self.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {what} within {timeout_s:.0f} s:\n{self.output()[-4000:]}")
-            time.sleep(0.2)
-
-    def wait_for(self, pattern: str, timeout_s: float = EVENT_TIMEOUT_S) -> None:
-        self.wait_until(lambda: re.search(pattern, self.output()) is not None, repr(pattern), timeout_s)
-
-    def wait_for_perf_level(self) -> None:
-        """Return once the perf level is under way: its test has started (pytest -v prints the test id before its
-        set-up) and the server has answered an inference of the variant since. Only the level sends those then: the
-        correctness tests ran before the id appeared, and the client ceiling is measured after the level, on a model
-        of its own."""
-        self.wait_for(re.escape(PERF_TEST))
-        counts: list[int] = []
-
-        def answered_once_more() -> bool:
-            count = self.answered_inferences()
-            if count is not None:
-                counts.append(count)
-            return len(counts) > 1 and counts[-1] > counts[0]
-
-        self.wait_until(answered_once_more, f"inference of {VARIANT} answered after {PERF_TEST} started")
-
-    def answered_inferences(self) -> int | None:
-        """The inferences of the variant the run's tritonserver has answered so far; None while there is no server,
-        or it does not serve the variant yet."""
-        ports = []
-        for process in server_processes(self.basetemp):
-            with contextlib.suppress(psutil.Error):
-                if process.name() == "tritonserver":
-                    ports += [arg.split("=", 1)[1] for arg in process.cmdline() if arg.startswith("--http-port=")]
-        if len(ports) != 1:
-            return None
-        client = triton_http.InferenceServerClient(f"127.0.0.1:{ports[0]}")
-        try:
-            statistics = client.get_inference_statistics(VARIANT)["model_stats"]
-        except (InferenceServerException, OSError):
-            return None
-        finally:
-            client.close()
-        return sum(int(version["inference_stats"]["success"]["count"]) for version in statistics)
-
-    def tritonserver(self) -> psutil.Process:
-        (server,) = [p for p in server_processes(self.basetemp) if p.name() == "tritonserver"]
-        return server
-
-    def finish(self) -> SuiteRun:
-        self.process.wait(timeout=RUN_TIMEOUT_S)
-        return SuiteRun(self.process.pid, self.process.returncode, self.output(), self.report_dir, self.basetemp)
-
-
-def server_processes(basetemp: Path) -> list[psutil.Process]:
-    """tritonserver and its Python backend stubs started for a run: their command lines name its basetemp."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(str(basetemp) in part for part in process.info["cmdline"] or ()):
-                found.append(process)
-    return found
-
-
-def shm_regions_of(pid: int) -> list[str]:
-    return sorted(name for name in os.listdir(SYSTEM_SHM_DIR) if name.startswith(f"blip-bench-{pid}-"))
-
-
-def assert_no_leftovers(run: SuiteRun, cache_dir: Path | None = None) -> None:
-    """Nothing of the run is alive or left in /dev/shm; no export work folder stays in the cache."""
-    deadline = time.monotonic() + 10.0  # stubs notice their server is gone on their own, within seconds
-    while (alive := server_processes(run.basetemp)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not alive, f"left running: {[p.info['cmdline'][:2] for p in alive]}"
-    assert shm_regions_of(run.pid) == [], "shared-memory regions left in /dev/shm"
-    if cache_dir is not None:
-        assert list(cache_dir.glob("*/.tmp-*")) == [], "export work folders left in the cache"
-
-
-def baseline_files(store: Path) -> dict[Path, bytes]:
-    return {path: path.read_bytes() for path in sorted(store.rglob("*")) if path.is_file()} if store.exists() else {}
-
 
 # ---------------------------------------------------------------------------------------------- disk faults
 
@@ -233,11 +67,11 @@ def full_directory(path: Path, keep: dict[str, bytes] | None = None) -> Iterator
                 directory.chmod(0o755)
 
 
-def test_a_full_baseline_store_keeps_the_old_baseline_the_report_and_fails_the_run(tmp_path: Path) -> None:
+def test_a_full_baseline_store_keeps_the_old_baseline_the_report_and_fails_the_run(
+    tmp_path: Path, recorded_tiny_baselines: Path
+) -> None:
     suite = Suite(tmp_path)
-    recorded = suite.run("suite/test_serving_correctness.py", "suite/test_perf.py", "--update-baselines")
-    assert recorded.returncode == 0, recorded.output[-4000:]
-    store = tmp_path / "baselines"
+    store = copy_recorded_baselines(recorded_tiny_baselines, suite.baseline_dir)
     before = {str(path.relative_to(store)): data for path, data in baseline_files(store).items()}
     assert len(before) == 1
 
@@ -277,7 +111,7 @@ def test_a_full_report_directory_keeps_the_tables_in_the_terminal_and_the_baseli
 def test_a_server_killed_mid_level_is_named_once_and_a_fresh_server_measures_the_next_level(
     tmp_path: Path, protocol: str
 ) -> None:
-    suite = Suite(tmp_path)
+    suite = Suite(tmp_path, level=FAULT_LEVEL)
     with suite.started(
         "suite/test_serving_correctness.py", "suite/test_perf.py", "--protocol", protocol, "--request-rate", "5"
     ) as running:
@@ -309,7 +143,7 @@ def test_a_server_killed_mid_level_is_named_once_and_a_fresh_server_measures_the
 
 
 def test_a_hung_server_ends_the_level_after_the_request_timeout_and_is_stopped(tmp_path: Path) -> None:
-    suite = Suite(tmp_path)
+    suite = Suite(tmp_path, level=FAULT_LEVEL)
     with suite.started(
         "suite/test_serving_correctness.py", "suite/test_perf.py", "--request-timeout-s", "3", "--server-timeout", "20"
     ) as running:
@@ -330,11 +164,12 @@ def test_a_hung_server_ends_the_level_after_the_request_timeout_and_is_stopped(t
     assert_no_leftovers(run)
 
 
+@pytest.mark.serial
 def test_a_killed_pytest_leaves_nothing_the_next_run_does_not_remove(tmp_path: Path) -> None:
     """SIGKILL (the OOM killer, a cancelled CI job) gives no chance to clean up: once during an export (a fresh
     cache), once mid-level (the server's /dev/shm regions); the next run names and removes both."""
     cache = tmp_path / "cache"
-    suite = Suite(tmp_path, cache_dir=cache)
+    suite = Suite(tmp_path, cache_dir=cache, level=FAULT_LEVEL)
     with suite.started("suite/test_serving_correctness.py") as exporting:
         deadline = time.monotonic() + 120
         while not list(cache.glob("exports/.tmp-*")) and time.monotonic() < deadline:

@@ -120,3 +120,12 @@ def test_gpu_selection_follows_docker_gpus_flag() -> None:
     for bad in ("", "first", "0,,1", "-1"):
         with pytest.raises(ServerStartError, match="is not auto, all, none or a list of ids"):
             resolve_gpus(bad, 2)
+    with pytest.raises(
+        ServerStartError, match=r"^--gpus 1,7: GPU 7 asked for, but this host has 2 GPU\(s\) \(ids 0 to 1\)"
+    ):
+        resolve_gpus("1,7", 2)
+    with pytest.raises(ServerStartError, match=r"^--gpus 0: GPU 0 asked for, but this host has 0 GPU\(s\); name"):
+        resolve_gpus("0", 0)
+    with pytest.raises(ServerStartError, match=r"^--gpus all: this host has no GPU"):
+        resolve_gpus("all", 0)
+    assert resolve_gpus("all", 2) == "all" and resolve_gpus("none", 0) == "none"

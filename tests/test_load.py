@@ -135,3 +135,18 @@ def test_level_ids_name_the_mode() -> None:
     assert LoadLevel(CONCURRENCY, 2).level_id == "concurrency=2"
     assert LoadLevel(REQUEST_RATE, 2.0).level_id == "request_rate=2"
     assert LoadLevel(REQUEST_RATE, 0.5).level_id == "request_rate=0.5"
+
+
+def test_an_open_loop_schedule_never_runs_out_and_is_one_seeded_stream() -> None:
+    """A window that waits for --min-requests-per-window outlasts --window-s: the schedule must not end first (it
+    once did, and the level's last windows measured no request at all)."""
+    from itertools import islice
+
+    from blip_triton_bench.load import ARRIVAL_CHUNK, arrival_gaps
+
+    drawn = list(islice(arrival_gaps(100.0, "poisson", seed=3), 3 * ARRIVAL_CHUNK + 5))
+    assert len(drawn) == 3 * ARRIVAL_CHUNK + 5
+    assert drawn == list(islice(arrival_gaps(100.0, "poisson", seed=3), 3 * ARRIVAL_CHUNK + 5))  # reproducible
+    assert drawn[:ARRIVAL_CHUNK] == arrival_gaps_s(100.0, ARRIVAL_CHUNK, "poisson", seed=3).tolist()
+    assert len(set(drawn)) == len(drawn)  # later chunks continue the stream, never repeat the first
+    assert set(islice(arrival_gaps(4.0, "constant", seed=0), 2 * ARRIVAL_CHUNK)) == {0.25}

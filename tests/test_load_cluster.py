@@ -14,7 +14,7 @@ import psutil
 import pytest
 from ray.cluster_utils import Cluster
 
-from tests.test_fault_injection import Suite, assert_no_leftovers
+from tests.suite_runs import Suite, assert_no_leftovers
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +48,7 @@ def ray_cluster() -> Iterator[Cluster]:
     assert not alive, f"left running after the cluster's shutdown: {[p.cmdline()[:3] for p in alive]}"
 
 
+@pytest.mark.serial
 def test_a_closed_and_an_open_loop_level_run_through_two_ray_nodes(tmp_path: Path, ray_cluster: Cluster) -> None:
     suite = Suite(tmp_path)
     run = suite.run(

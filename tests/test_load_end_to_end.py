@@ -19,7 +19,7 @@ from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, LoadSet
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 from blip_triton_bench.workload import ModelInputs
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.serial]  # its checks compare rates with the measured service rate
 
 SERVICE_MS = 20.0
 VOCAB = 8

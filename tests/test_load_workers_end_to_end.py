@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_fault_injection import RunningSuite, Suite, assert_no_leftovers
+from tests.suite_runs import FAULT_LEVEL, RunningSuite, Suite, assert_no_leftovers, copy_recorded_baselines
 
 WORKERS = ("--load-workers", "2")
 
@@ -41,11 +41,13 @@ def verdicts(levels: list[dict]) -> dict[tuple[str, str, str], str]:
     }
 
 
+@pytest.mark.serial
 @pytest.mark.e2e
-def test_two_workers_give_one_clients_verdicts_and_every_request_they_completed(tmp_path: Path) -> None:
+def test_two_workers_give_one_clients_verdicts_and_every_request_they_completed(
+    tmp_path: Path, recorded_tiny_baselines: Path
+) -> None:
     suite = Suite(tmp_path)
-    recorded = suite.run("suite/test_serving_correctness.py", "suite/test_perf.py", "--update-baselines")
-    assert recorded.returncode == 0, recorded.output[-4000:]
+    copy_recorded_baselines(recorded_tiny_baselines, suite.baseline_dir)
     one, two = suite.run("suite/test_perf.py"), suite.run("suite/test_perf.py", *WORKERS)
     for run in (one, two):
         assert run.returncode == 0, run.output[-4000:]
@@ -75,7 +77,7 @@ def workers_mid_level(running: RunningSuite) -> list[psutil.Process]:
 
 @pytest.mark.faults
 def test_a_worker_killed_mid_level_fails_the_level_with_its_name_and_the_other_is_stopped(tmp_path: Path) -> None:
-    suite = Suite(tmp_path)
+    suite = Suite(tmp_path, level=FAULT_LEVEL)
     with suite.started("suite/test_perf.py", *WORKERS) as running:
         workers = workers_mid_level(running)
         victim = workers[1]
@@ -92,11 +94,15 @@ def test_a_worker_killed_mid_level_fails_the_level_with_its_name_and_the_other_i
 
 @pytest.mark.faults
 def test_ctrl_c_mid_level_leaves_no_load_worker_behind(tmp_path: Path) -> None:
-    suite = Suite(tmp_path)
+    suite = Suite(tmp_path, level=FAULT_LEVEL)
     with suite.started("suite/test_perf.py", *WORKERS) as running:
         workers = workers_mid_level(running)
         running.process.send_signal(signal.SIGINT)
         run = running.finish()
     assert run.returncode == 2, run.output[-4000:]  # pytest's "interrupted"
     assert gone(workers), [worker.pid for worker in workers if worker.is_running()]
+    # the report is still written, though its only level was cut short, and names what the interrupt ended
+    assert (run.report_dir / "report.md").is_file(), run.output[-4000:]
+    (interrupted,) = run.section("Interrupted")["data"]
+    assert interrupted["during"] == "suite/test_perf.py::test_throughput_and_latency[base_model_cpu-concurrency=2]"
     assert_no_leftovers(run)

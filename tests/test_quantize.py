@@ -16,7 +16,7 @@ from blip_triton_bench.agreement import AgreementBelowThreshold, check_agreement
 from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS
 from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
 from blip_triton_bench.export import ExportedModel, export_model
-from blip_triton_bench.model import LoadedModel, ModelSpec, load_model
+from blip_triton_bench.model import LoadedModel
 from blip_triton_bench.quantize import DEFAULT_RECIPE, QuantizationRecipe, quantize_model
 from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
 
@@ -26,18 +26,13 @@ IMAGES = ("astronaut", "coffee", "chelsea")  # as suite/test_accuracy.py
 
 
 @pytest.fixture(scope="module")
-def tiny() -> LoadedModel:
-    return load_model(ModelSpec("tiny"))
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")
-def fp32(tiny: LoadedModel, cache_dir: Path) -> ExportedModel:
-    return export_model(tiny, cache_dir)
+def fp32(tiny_model: LoadedModel, cache_dir: Path) -> ExportedModel:
+    return export_model(tiny_model, cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +41,9 @@ def int8(fp32: ExportedModel, cache_dir: Path) -> ExportedModel:
 
 
 @pytest.fixture(scope="module")
-def requests(tiny: LoadedModel) -> list[ModelInputs]:
+def requests(tiny_model: LoadedModel) -> list[ModelInputs]:
     """One request per real image, 16 teacher-forced tokens from the start token."""
-    description = tiny.description
+    description = tiny_model.description
     result = []
     for seed, name in enumerate(IMAGES):
         ids = token_ids(description, 1, 16, seed=seed)
@@ -93,7 +88,7 @@ def test_weight_matmuls_become_integer_and_attention_stays_float(fp32: ExportedM
 
     assert after["MatMulInteger"] > 0
     assert after["DynamicQuantizeLinear"] > 0
-    # tiny: 2 vision layers (self-attention) and 2 text layers (self- and cross-attention), 2 MatMuls each.
+    # tiny_model: 2 vision layers (self-attention) and 2 text layers (self- and cross-attention), 2 MatMuls each.
     attention_matmuls = 2 * (2 + 2 * 2)
     assert after["MatMul"] == attention_matmuls
     assert after["MatMulInteger"] == before["MatMul"] + before["Gemm"] - attention_matmuls
@@ -104,9 +99,9 @@ def test_weight_matmuls_become_integer_and_attention_stays_float(fp32: ExportedM
 
 
 def test_a_source_with_external_data_quantizes_the_same(
-    tiny: LoadedModel, fp32: ExportedModel, int8: ExportedModel, tmp_path: Path, requests: list[ModelInputs]
+    tiny_model: LoadedModel, fp32: ExportedModel, int8: ExportedModel, tmp_path: Path, requests: list[ModelInputs]
 ) -> None:
-    external = export_model(tiny, tmp_path, external_data_threshold_bytes=0)
+    external = export_model(tiny_model, tmp_path, external_data_threshold_bytes=0)
     assert [p.name for p in external.artifact_files] == ["model.onnx", "model.onnx.data"]
 
     inline_from_external = quantize_model(external, tmp_path)

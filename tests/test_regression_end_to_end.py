@@ -21,7 +21,7 @@ SEED_CONFIG = REPOSITORY_ROOT / "model_repository" / "base_model_cpu" / "config.
 # Short windows and a loose stability criterion keep the test quick on a noisy 2-core machine; the slowdown
 # below (about -80% throughput, +300% p99) is far larger than the 50% tolerance and any spread they let through.
 QUICK_LOAD = (
-    "--concurrency", "2", "--window-s", "2", "--warmup-s", "1", "--max-windows", "10",
+    "--concurrency", "2", "--window-s", "1", "--warmup-s", "0.5", "--max-windows", "10",
     "--stability-percentage", "30", "--tolerance-pct", "50",
 )  # fmt: skip
 
@@ -64,6 +64,7 @@ def slowed(config_text: str) -> str:
     return slow
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_recorded_baseline_then_slowed_repository_fails_and_unchanged_passes(tmp_path: Path) -> None:
     unchanged = copy_of_seed_variant(tmp_path / "unchanged", SEED_CONFIG.read_text())

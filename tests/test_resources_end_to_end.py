@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 
 from blip_triton_bench.baselines import BaselineStore
-from blip_triton_bench.export import export_model
 from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings
-from blip_triton_bench.model import ModelSpec, load_model
-from blip_triton_bench.options import default_cache_dir
 from blip_triton_bench.perf import PerfRun, PerfSettings
 from blip_triton_bench.repository import discover_variants, stage_repository
 from blip_triton_bench.resources import NvmlGpus
@@ -29,13 +26,8 @@ SETTINGS = LoadSettings(window_s=1.0, warmup_s=0.5, max_windows=3, min_requests_
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model(ModelSpec("tiny"))
-
-
-@pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    exported = export_model(tiny, default_cache_dir())  # cached after the first run, as the suite caches it
+def server(tiny_artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    exported = tiny_artifacts.teacher_export  # the session's one tiny export
     (variant,) = [v for v in discover_variants(REPOSITORY) if v.name == VARIANT]
     staged = stage_repository([variant], lambda _v: exported.artifact_files, tmp_path_factory.mktemp("repo") / "r")
     with LocalProvider(Path(tmp_path_factory.mktemp("server"))).start(staged.root) as running:
@@ -45,7 +37,7 @@ def server(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServ
 
 def test_a_level_records_the_servers_cpu_and_memory_and_its_gpus_where_nvml_sees_them(
     server: LocalServer,
-    tiny,
+    tiny_model,
     tmp_path: Path,
     fingerprint,  # noqa: F811
 ) -> None:
@@ -54,7 +46,7 @@ def test_a_level_records_the_servers_cpu_and_memory_and_its_gpus_where_nvml_sees
         store=BaselineStore(tmp_path / "baselines"),
         fingerprint=fingerprint,
         url=server.endpoints.grpc_url,
-        inputs=build_inputs(tiny.description, batch_size=1, sequence_length=16),
+        inputs=build_inputs(tiny_model.description, batch_size=1, sequence_length=16),
         ceiling=lambda: None,
         resources=server.resource_source(),
     )

@@ -15,8 +15,7 @@ import pytest
 
 from blip_triton_bench.client import TritonInferClient
 from blip_triton_bench.correctness import TOLERANCES, assert_close
-from blip_triton_bench.export import ExportedModel, export_model
-from blip_triton_bench.model import LoadedModel, ModelSpec, load_model
+from blip_triton_bench.model import LoadedModel
 from blip_triton_bench.options import BenchOptions
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 from blip_triton_bench.servers.stub_env import stub_interpreter
@@ -47,21 +46,11 @@ SEQUENCE_LENGTH = 16
 
 
 @pytest.fixture(scope="module")
-def tiny() -> LoadedModel:
-    return load_model(ModelSpec("tiny"))
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tiny: LoadedModel, bench_options: BenchOptions) -> ExportedModel:
-    return export_model(tiny, bench_options.cache_dir)
-
-
-@pytest.fixture(scope="module")
-def repository(tiny_export: ExportedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repository(tiny_artifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repository")
     (root / "logits" / "1").mkdir(parents=True)
     (root / "logits" / "config.pbtxt").write_text(CONFIG)
-    (root / "logits" / "1" / "model.onnx").hardlink_to(tiny_export.onnx_path)
+    (root / "logits" / "1" / "model.onnx").hardlink_to(tiny_artifacts.teacher_export.onnx_path)
     return root
 
 
@@ -90,10 +79,12 @@ def test_the_stub_runs_the_chosen_numpy(server: LocalServer, request: pytest.Fix
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_logits_arrive_whole_and_equal_in_process_onnxruntime(
-    server: LocalServer, tiny: LoadedModel, tiny_export: ExportedModel, protocol: str
+    server: LocalServer, tiny_model: LoadedModel, tiny_artifacts, protocol: str
 ) -> None:
-    inputs = build_inputs(tiny.description, BATCH_SIZE, SEQUENCE_LENGTH, seed=1)
-    (expected,) = onnxruntime.InferenceSession(str(tiny_export.onnx_path)).run(["logits"], inputs.as_dict())
+    inputs = build_inputs(tiny_model.description, BATCH_SIZE, SEQUENCE_LENGTH, seed=1)
+    (expected,) = onnxruntime.InferenceSession(str(tiny_artifacts.teacher_export.onnx_path)).run(
+        ["logits"], inputs.as_dict()
+    )
     url = server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url
     with TritonInferClient(url, protocol) as client:
         served = client.infer("logits", inputs)  # an empty output raises EmptyOutput naming its byte count

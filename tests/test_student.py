@@ -22,11 +22,6 @@ from blip_triton_bench.student import (
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def tiny() -> LoadedModel:
-    return load_model(ModelSpec("tiny"))
-
-
 def four_layer_config() -> BlipConfig:
     return BlipConfig(
         vision_config={**TINY_VISION, "num_hidden_layers": 4}, text_config={**TINY_TEXT, "num_hidden_layers": 4}
@@ -80,25 +75,25 @@ def test_initialize_from_teacher_copies_every_other_layer_exactly() -> None:
     )
 
 
-def test_distillation_lowers_the_held_out_loss(tiny: LoadedModel) -> None:
+def test_distillation_lowers_the_held_out_loss(tiny_model: LoadedModel) -> None:
     # A student far from the teacher (fresh random weights), so the drop is well above float rounding.
     torch.manual_seed(123)
-    student = BlipForConditionalGeneration(student_config(tiny.description.config))
-    result = distill(tiny, student, steps=15, batch_size=2, seed=0, learning_rate=1e-3)
+    student = BlipForConditionalGeneration(student_config(tiny_model.description.config))
+    result = distill(tiny_model, student, steps=15, batch_size=2, seed=0, learning_rate=1e-3)
 
     assert (result.steps, result.batch_size) == (15, 2)
     assert result.loss_after < 0.5 * result.loss_before
 
 
-def test_the_held_out_batch_does_not_depend_on_training(tiny: LoadedModel) -> None:
+def test_the_held_out_batch_does_not_depend_on_training(tiny_model: LoadedModel) -> None:
     def fresh() -> BlipForConditionalGeneration:
-        student = BlipForConditionalGeneration(student_config(tiny.description.config))
-        initialize_from_teacher(student, tiny.model)
+        student = BlipForConditionalGeneration(student_config(tiny_model.description.config))
+        initialize_from_teacher(student, tiny_model.model)
         return student
 
-    untrained = distill(tiny, fresh(), steps=0, batch_size=1, seed=0)
-    trained = distill(tiny, fresh(), steps=2, batch_size=3, seed=0)
-    other_seed = distill(tiny, fresh(), steps=0, batch_size=1, seed=1)
+    untrained = distill(tiny_model, fresh(), steps=0, batch_size=1, seed=0)
+    trained = distill(tiny_model, fresh(), steps=2, batch_size=3, seed=0)
+    other_seed = distill(tiny_model, fresh(), steps=0, batch_size=1, seed=1)
 
     assert untrained.loss_after == untrained.loss_before
     assert trained.loss_before == untrained.loss_before
@@ -111,9 +106,11 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def test_build_student_caches_a_checkpoint_that_loads_like_a_users(tiny: LoadedModel, checkpoint_dir: Path) -> None:
-    first = build_student(tiny, checkpoint_dir, steps=3)
-    second = build_student(tiny, checkpoint_dir, steps=3)
+def test_build_student_caches_a_checkpoint_that_loads_like_a_users(
+    tiny_model: LoadedModel, checkpoint_dir: Path
+) -> None:
+    first = build_student(tiny_model, checkpoint_dir, steps=3)
+    second = build_student(tiny_model, checkpoint_dir, steps=3)
 
     assert not first.from_cache and second.from_cache
     assert second.directory == first.directory
@@ -123,7 +120,7 @@ def test_build_student_caches_a_checkpoint_that_loads_like_a_users(tiny: LoadedM
     assert all(path.stat().st_mode & 0o044 == 0o044 for path in first.directory.iterdir())  # readable by all
 
     metadata = json.loads((first.directory / "distillation.json").read_text())
-    assert metadata["teacher_weights_sha256"] == tiny.weights_sha256
+    assert metadata["teacher_weights_sha256"] == tiny_model.weights_sha256
     assert (metadata["steps"], metadata["loss_before"], metadata["loss_after"]) == (
         3,
         first.result.loss_before,
@@ -133,18 +130,19 @@ def test_build_student_caches_a_checkpoint_that_loads_like_a_users(tiny: LoadedM
     student = load_model(ModelSpec(str(first.directory)))
     assert student.weights_sha256 == metadata["student_weights_sha256"]
     assert (
-        student.description.config.text_config.num_hidden_layers < tiny.description.config.text_config.num_hidden_layers
+        student.description.config.text_config.num_hidden_layers
+        < tiny_model.description.config.text_config.num_hidden_layers
     )
     assert (
         student.description.config.vision_config.num_hidden_layers
-        < tiny.description.config.vision_config.num_hidden_layers
+        < tiny_model.description.config.vision_config.num_hidden_layers
     )
-    assert student.parameter_count < tiny.parameter_count
-    assert student.description.special_tokens == tiny.description.special_tokens
-    assert student.description.image_processor.to_dict() == tiny.description.image_processor.to_dict()
+    assert student.parameter_count < tiny_model.parameter_count
+    assert student.description.special_tokens == tiny_model.description.special_tokens
+    assert student.description.image_processor.to_dict() == tiny_model.description.image_processor.to_dict()
 
 
-def test_more_steps_or_another_seed_is_another_student(tiny: LoadedModel, checkpoint_dir: Path) -> None:
-    baseline = build_student(tiny, checkpoint_dir, steps=3)
-    assert build_student(tiny, checkpoint_dir, steps=4).directory != baseline.directory
-    assert build_student(tiny, checkpoint_dir, steps=3, seed=1).directory != baseline.directory
+def test_more_steps_or_another_seed_is_another_student(tiny_model: LoadedModel, checkpoint_dir: Path) -> None:
+    baseline = build_student(tiny_model, checkpoint_dir, steps=3)
+    assert build_student(tiny_model, checkpoint_dir, steps=4).directory != baseline.directory
+    assert build_student(tiny_model, checkpoint_dir, steps=3, seed=1).directory != baseline.directory

@@ -4,6 +4,7 @@ sweep's frontier; each file written atomically, as every file of the report is."
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,20 @@ from blip_triton_bench.sweep import SweepMeasurement
 
 
 def pyplot():
-    """matplotlib's pyplot on the file-only backend (never a window)."""
+    """matplotlib's pyplot on the file-only backend (never a window).
+
+    A Ctrl-C during matplotlib's first import (the sweep draws after every point) can leave half-initialised
+    matplotlib modules in sys.modules, and the report written after the interrupt would fail on them: those are
+    forgotten and imported afresh, once."""
+    try:
+        return _agg_pyplot()
+    except (AttributeError, ImportError):
+        for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+            del sys.modules[name]
+        return _agg_pyplot()
+
+
+def _agg_pyplot():
     import matplotlib
 
     matplotlib.use("Agg")

@@ -213,7 +213,10 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
                 "\n\n".join(
                     [caption_table(latencies), *caption_ratios, *inter_token_floor_lines(session.caption_latency)]
                 ),
-                data=[{"variant": item.variant, "way": item.way, **item.metrics()} for item in latencies],
+                data=[
+                    {"variant": item.variant, "way": item.way, "captions": len(item.captions), **item.metrics()}
+                    for item in latencies
+                ],
             )
         )
     if session.caption_load:
@@ -250,6 +253,15 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
                     {"captioner": captioner, "finding": outcome.finding(), **outcome.to_dict()}
                     for captioner, outcome in session.disconnects.items()
                 ],
+            )
+        )
+    if session.interrupted_during is not None:
+        sections.append(
+            ReportSection(
+                "Interrupted",
+                f"Ctrl-C or SIGTERM ended the run during {session.interrupted_during}: what finished before it is in "
+                "this report; what it interrupted is not.",
+                data=[{"during": session.interrupted_during}],
             )
         )
     if session.server_deaths:
