@@ -30,6 +30,7 @@ from blip_triton_bench.load import (
     LevelAborted,
     LoadLevel,
     LoadSettings,
+    LoopEnd,
     ServerStatistics,
     _Completions,
     _measure_windows,
@@ -37,6 +38,7 @@ from blip_triton_bench.load import (
     drain_in_flight,
     keep_in_flight,
     open_inferer,
+    open_loop_in_flight_cap,
     output_slots,
     send_on_schedule,
 )
@@ -73,6 +75,8 @@ class WorkerBatch:
 @dataclass(frozen=True)
 class WorkerEnd:
     unfinished: int  # requests still in flight when the worker stopped (open loop)
+    held_sends: int = 0  # open loop: sends that waited for the worker's in-flight cap
+    in_flight_cap: int | None = None  # open loop: that cap
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class LoadWorker:
         self._reported = 0
         self._abort = False
         self._unfinished = 0
+        self._in_flight_cap: int | None = None
 
     def start(self, url: str, model_name: str, inputs: ModelInputs, share: LoadLevel, settings: LoadSettings) -> None:
         """Connect, then start sending; returns once requests are going out (RuntimeError if the client failed)."""
@@ -147,8 +152,9 @@ class LoadWorker:
                     await asyncio.gather(*tasks, return_exceptions=True)
                     return
                 in_flight: set[asyncio.Task] = set()
+                self._in_flight_cap = open_loop_in_flight_cap(share.value)
                 sending = asyncio.create_task(
-                    send_on_schedule(inferer.infer, share.value, settings, self._done, in_flight)
+                    send_on_schedule(inferer.infer, share.value, settings, self._done, in_flight, self._in_flight_cap)
                 )
                 await self._stopping.wait()
                 sending.cancel()
@@ -179,7 +185,7 @@ class LoadWorker:
             if self._thread.is_alive():
                 self._loop.call_soon_threadsafe(self._stopping.set)
             self._thread.join(DRAIN_TIMEOUT_S + 10.0)
-        return WorkerEnd(self._unfinished)
+        return WorkerEnd(self._unfinished, self._done.held_sends, self._in_flight_cap)
 
     @staticmethod
     def clock() -> float:
@@ -317,7 +323,7 @@ async def measure_with_workers(
     level: LoadLevel,
     settings: LoadSettings,
     liveness,
-) -> tuple[list[WindowSample], ServerStatistics | None, int, list[WorkerShare]]:
+) -> tuple[list[WindowSample], ServerStatistics | None, LoopEnd, list[WorkerShare]]:
     """One level driven by the pool's workers: windows cut here from their merged raw timings, the server's
     statistics taken here around them. A worker that dies or stops reporting fails the level (LevelAborted naming
     it); every started worker is stopped whatever happens."""
@@ -372,8 +378,7 @@ async def measure_with_workers(
                     ),
                     return_exceptions=True,
                 )
-        unfinished = sum(end.unfinished for end in ends if isinstance(end, WorkerEnd))
-        return windows, server, unfinished, _delivered(pool, shares, clocks, collected, windows)
+        return windows, server, loop_end(ends), _delivered(pool, shares, clocks, collected, windows)
     except WorkerDied as died:
         raise LevelAborted(str(died)) from None
 
@@ -402,6 +407,17 @@ def _delivered(
             )
         )
     return delivered
+
+
+def loop_end(ends: Sequence[WorkerEnd | BaseException]) -> LoopEnd:
+    """The level's LoopEnd from its workers' (a worker that failed to stop counts for nothing)."""
+    stopped = [end for end in ends if isinstance(end, WorkerEnd)]
+    caps = [end.in_flight_cap for end in stopped if end.in_flight_cap is not None]
+    return LoopEnd(
+        unfinished=sum(end.unfinished for end in stopped),
+        held_sends=sum(end.held_sends for end in stopped),
+        in_flight_cap=sum(caps) if caps else None,
+    )
 
 
 async def _collect(pool: WorkerPool, used: range, collected: _Collected, done: _Completions) -> None:

@@ -150,3 +150,49 @@ def test_an_open_loop_schedule_never_runs_out_and_is_one_seeded_stream() -> None
     assert drawn[:ARRIVAL_CHUNK] == arrival_gaps_s(100.0, ARRIVAL_CHUNK, "poisson", seed=3).tolist()
     assert len(set(drawn)) == len(drawn)  # later chunks continue the stream, never repeat the first
     assert set(islice(arrival_gaps(4.0, "constant", seed=0), 2 * ARRIVAL_CHUNK)) == {0.25}
+
+
+def test_an_open_loop_at_its_in_flight_cap_waits_and_counts_the_wait_as_latency() -> None:
+    """A host that cannot keep up (a busy client, a slow server) must not pile up unsent requests without bound (a
+    client once held 9.8 GB and no window completed a request): past the cap a send waits for one to end, and its
+    latency still counts from its scheduled time, so the slip shows as the queue it is."""
+    import asyncio
+    import time
+
+    from blip_triton_bench.load import LoadSettings, open_loop_in_flight_cap, send_on_schedule
+
+    cap, rate_per_s, hold_s = 5, 1000.0, 0.1
+    peak = 0
+
+    async def scenario() -> tuple[_Completions, float]:
+        nonlocal peak
+        released = asyncio.Event()
+        running = 0
+
+        async def infer() -> None:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await released.wait()
+            running -= 1
+
+        done, in_flight = _Completions(), set()
+        sending = asyncio.create_task(send_on_schedule(infer, rate_per_s, LoadSettings(), done, in_flight, cap))
+        await asyncio.sleep(hold_s)  # the first `cap` requests never end in this time: the next send waits
+        assert len(in_flight) == cap
+        released.set()
+        released_at = time.perf_counter()
+        await asyncio.sleep(0.05)
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        return done, released_at
+
+    done, released_at = asyncio.run(scenario())
+    assert peak == cap
+    assert done.held_sends >= 1
+    first_held = sorted(done.records)[cap]  # the send scheduled right after the first `cap`
+    scheduled, completed, succeeded = first_held
+    assert succeeded and completed >= released_at
+    assert completed - scheduled >= released_at - scheduled > hold_s / 2  # its wait is in its latency
+    assert open_loop_in_flight_cap(1.0) == 16 and open_loop_in_flight_cap(60.0) == 120  # 2 s of the rate, at least 16

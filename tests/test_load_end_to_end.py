@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, LoadSettings, measure_level
+from blip_triton_bench.load import (
+    CONCURRENCY,
+    REQUEST_RATE,
+    LoadLevel,
+    LoadSettings,
+    measure_level,
+    open_loop_in_flight_cap,
+)
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 from blip_triton_bench.workload import ModelInputs
 
@@ -125,6 +132,10 @@ def test_open_loop_counts_the_queue_that_a_closed_loop_never_sees(server: LocalS
     assert over.achieved_rate_per_s <= MAX_OBSERVED_RATE_PER_S < over.offered_rate_per_s  # the server cannot keep up...
     assert over.summary.latency_p50_ms >= queue_floor_ms(OVERLOAD, SETTINGS.warmup_s)  # ...and latencies show it
     assert over.unfinished_requests > 0  # requests were still queued when measurement stopped
+    # the backlog grows by (OVERLOAD - 1) x the service rate a second: past 2 s of the offered rate in flight, sends
+    # wait (the client's memory stays bounded) and the queue still shows in the latencies above
+    assert over.in_flight_cap == open_loop_in_flight_cap(over_rate)
+    assert over.held_sends > 0 and over.unfinished_requests <= over.in_flight_cap
 
     settled = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, under_rate), SETTINGS)
     assert settled.achieved_rate_per_s == pytest.approx(settled.offered_rate_per_s, rel=0.3)  # the backlog drained

@@ -280,3 +280,11 @@ def test_the_report_verdict_states_the_p_value_and_the_detectable_slowdown() -> 
         f"detects >= {noisy[0].detectable_pct:.1f}%"
     )
     assert "detects" not in verdict_text(judged)  # a verdict without windows claims no power
+
+
+def test_an_open_loop_whose_sends_waited_for_its_cap_says_the_schedule_slipped() -> None:
+    judged = judged_level("cpu", LoadLevel(REQUEST_RATE, 4), latency_ms=100.0)
+    assert "sends waited" not in markdown_table([judged])
+    measurement = dataclasses.replace(judged.measurement, held_sends=7, in_flight_cap=16)
+    held = dataclasses.replace(judged, measurement=measurement)
+    assert "7 sends waited with 16 requests in flight (the open loop's cap, 2 s of its rate)" in markdown_table([held])

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from blip_triton_bench.ab import ABLevel
 from blip_triton_bench.caption_latency import CaptionLatency, speedup
 from blip_triton_bench.caption_load import CAPTION_CONCURRENCY, CaptionLevelMeasurement
-from blip_triton_bench.load import CONCURRENCY
+from blip_triton_bench.load import CONCURRENCY, OPEN_LOOP_BACKLOG_S, LevelMeasurement
 from blip_triton_bench.perf import STARTUP_LEVEL, FailedLevel, JudgedLevel, StartupResult
 from blip_triton_bench.resources import ResourceUsage
 from blip_triton_bench.selection import ServingEfficiency, VariantSummary
@@ -189,6 +189,13 @@ def batches_formed(judged: JudgedLevel) -> str:
     return " ".join(f"{size}x{count}" for size, count in server.executions_by_batch_size.items())
 
 
+def held_sends_note(measurement: LevelMeasurement) -> str:
+    return (
+        f"{measurement.held_sends} sends waited with {measurement.in_flight_cap} requests in flight (the open loop's "
+        f"cap, {OPEN_LOOP_BACKLOG_S:g} s of its rate): the schedule slipped; their latency counts from it"
+    )
+
+
 def markdown_table(results: Sequence[JudgedLevel]) -> str:
     lines = [
         "| variant | level | infer/s | p50 ms | p99 ms | batches formed (size x count) | vs baseline "
@@ -208,6 +215,8 @@ def markdown_table(results: Sequence[JudgedLevel]) -> str:
             notes.append(
                 f"offered {judged.measurement.offered_rate_per_s:g}/s, achieved {judged.measurement.achieved_rate_per_s:.2f}/s"
             )
+        if judged.measurement.held_sends:
+            notes.append(held_sends_note(judged.measurement))
         lines.append(
             f"| {judged.variant} | {judged.measurement.level.level_id} | {summary.throughput_infer_per_s:.2f} | "
             f"{summary.latency_p50_ms:.1f} | {summary.latency_p99_ms:.1f} | {batches_formed(judged)} | "
