@@ -330,9 +330,10 @@ class LevelRegions:
 
     async def add_slots(self, count: int) -> None:
         for _ in range(count):
+            # the index is taken before the await: two requests that find no free slot at once get one each
             slot = self.slot_count
-            await self._region(self.plan.output_region(slot), self.plan.output_byte_size)
             self.slot_count += 1
+            await self._region(self.plan.output_region(slot), self.plan.output_byte_size)
             self._free.append(slot)
 
     async def acquire(self) -> int:

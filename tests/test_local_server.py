@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -154,10 +155,25 @@ def test_dynamic_batching_runs_one_onnxruntime_call_per_batch(server: LocalServe
         results = list(pool.map(send, values))
     for value, result in zip(values, results, strict=True):
         np.testing.assert_array_equal(result, np.full((1, 4), 2 * value, dtype=np.float32))  # each gets its own rows
-    client = triton_http.InferenceServerClient(server.endpoints.http_url)
-    (stats,) = client.get_inference_statistics("batcher")["model_stats"]
+    stats = statistics_once_counted(server, "batcher", inferences=6)
     assert stats["inference_count"] == 6
     assert stats["execution_count"] < 6  # requests were executed together
+
+
+def statistics_once_counted(server: LocalServer, model: str, inferences: int, timeout_s: float = 30.0) -> dict:
+    """The model's statistics once they count `inferences`. A backend reports a batch's statistics after it sent
+    the responses, so a query right after the last response can still see fewer (0 of 6, on a busy host); the
+    deadline only guards against a hang."""
+    client = triton_http.InferenceServerClient(server.endpoints.http_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            (stats,) = client.get_inference_statistics(model)["model_stats"]
+            if stats.get("inference_count", 0) >= inferences or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 def test_missing_provider_names_it_and_the_config_field(server: LocalServer) -> None:

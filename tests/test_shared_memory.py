@@ -120,10 +120,47 @@ def test_cuda_without_a_gpu_says_so() -> None:
 # ------------------------------------------------------------------------------------ a real server
 
 
+#: A model with BLIP's inputs and logits that takes SLOW_S per request: a request still in flight when its level
+#: ends, so the level's regions are unregistered while the server holds one.
+SLOW_MODEL, SLOW_S = "slow_logits", 1.0
+SLOW_CONFIG = f"""
+name: "{SLOW_MODEL}"
+backend: "python"
+max_batch_size: 8
+input [
+  {{ name: "pixel_values" data_type: TYPE_FP32 dims: [ 3, {IMAGE_SIZE}, {IMAGE_SIZE} ] }},
+  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }}
+]
+output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ -1, {VOCAB} ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+SLOW_PYTHON = f"""
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        time.sleep({SLOW_S})
+        responses = []
+        for request in requests:
+            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+            logits = np.ones((*ids.shape, {VOCAB}), dtype=np.float32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits)]))
+        return responses
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServer, str]]:
     repository = tmp_path_factory.mktemp("repository")
     name = stage_ceiling_model(repository, IMAGE_SIZE, VOCAB)
+    (repository / SLOW_MODEL / "1").mkdir(parents=True)
+    (repository / SLOW_MODEL / "config.pbtxt").write_text(SLOW_CONFIG)
+    (repository / SLOW_MODEL / "1" / "model.py").write_text(SLOW_PYTHON)
     with LocalProvider(Path(tmp_path_factory.mktemp("server"))).start(repository) as running:
         running.load_model(name)
         yield running, name
@@ -134,13 +171,14 @@ def _url(server: LocalServer, protocol: str) -> str:
 
 
 async def _one_output(url: str, protocol: str, model: str, settings: LoadSettings) -> tuple[np.ndarray, list[str]]:
-    """One request's logits, and the regions the server held while the level was open."""
+    """One request's logits, and the regions of its level the server held while the level was open."""
     settings = LoadSettings(protocol=protocol, shared_memory=settings.shared_memory)
     async with open_inferer(url, model, blip_inputs(), settings, slots=2) as inferer:
         logits = await inferer.infer_output()
         kind = shared_memory_kind(settings.shared_memory)
         held = await kind.registered_names(inferer.client) if kind is not None else []
-    return logits, held
+        tag = inferer._regions.plan.tag if kind is not None else ""
+    return logits, [name for name in held if name.startswith(f"{tag}-")]
 
 
 def ours_left_behind(server: LocalServer) -> tuple[list[str], list[str]]:
@@ -213,3 +251,43 @@ def test_a_container_shares_host_ipc_only_under_shared_memory() -> None:
     assert ipc_options("none", "1g") == {"shm_size": "1g"}  # unchanged: a private 1 GB /dev/shm
     assert ipc_options("system", "1g") == {"ipc_mode": "host"}
     assert ipc_options("cuda", "1g") == {"ipc_mode": "host"}
+
+
+@pytest.mark.server
+def test_a_level_left_with_a_request_in_flight_leaves_no_region(server: tuple[LocalServer, str]) -> None:
+    """A level that ends with a request in flight (an open loop stopped mid-stream, a level aborted) releases its
+    regions while the server still executes that request: nothing stays registered or in /dev/shm."""
+    running, _ = server
+    running.load_model(SLOW_MODEL)
+
+    async def leave_with_a_request_in_flight() -> None:
+        async with open_inferer(running.endpoints.grpc_url, SLOW_MODEL, blip_inputs(), SYSTEM, slots=1) as inferer:
+            request = asyncio.create_task(inferer.infer())
+            await asyncio.sleep(SLOW_S / 3)  # the server is executing it, its output region held
+            request.cancel()  # the client stops waiting; the server does not
+            await asyncio.gather(request, return_exceptions=True)
+
+    asyncio.run(leave_with_a_request_in_flight())
+    assert ours_left_behind(running) == ([], [])
+
+
+@pytest.mark.server
+def test_requests_that_find_no_free_output_slot_at_once_each_get_one_of_their_own(
+    server: tuple[LocalServer, str],
+) -> None:
+    """An open loop adds output slots as its in-flight count grows; requests that ask at the same moment must not
+    be handed the same new slot (one region registered twice, two responses written into one region)."""
+    running, model = server
+
+    async def three_at_once() -> tuple[list[np.ndarray], list[str], list[str]]:
+        async with open_inferer(running.endpoints.grpc_url, model, blip_inputs(), SYSTEM, slots=0) as inferer:
+            outputs = await asyncio.gather(*(inferer.infer_output() for _ in range(3)))
+            plan = inferer._regions.plan
+            expected = [plan.input_region, *(plan.output_region(slot) for slot in range(3))]
+            return list(outputs), sorted(inferer._regions.names()), sorted(expected)
+
+    outputs, names, expected = asyncio.run(three_at_once())
+    assert names == expected
+    for output in outputs[1:]:
+        np.testing.assert_array_equal(output, outputs[0])
+    assert ours_left_behind(running) == ([], [])
