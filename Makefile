@@ -45,14 +45,19 @@ TINY_LEVELS := --window-s 1 --warmup-s 0.5 --max-windows 10 --stability-percenta
 # recorded minutes earlier (time to first token +69 % with nothing changed). The perf, start-up and caption tests
 # record into a store of this run's own (--update-baselines: recording gated on correctness, as a user records),
 # never into baselines/. --disconnect-stress is tested by tests/test_disconnect_stress_end_to_end.py.
+# The seed against an unchanged copy of itself must pass, so the A/B's minimum effect (--tolerance-pct) is 25 %:
+# identical variants have measured up to 11 % apart here in all 5 rounds (the captioner, whose "after" models had
+# served the earlier tests), which the default 5 % called a regression. Detecting real slowdowns of a given size is
+# tests/test_ab_end_to_end.py's job, with injected effects of 40 % and more.
 TEST_BASELINES := $(VENV)/test-baselines
+SELF_AB := --reference-repository model_repository --ab-rounds 5 --tolerance-pct 25
 SUITE_PASS := suite --model tiny --server local $(TINY_LEVELS) --concurrency 2 --caption-concurrency 2 \
-	--reference-repository model_repository --ab-rounds 5 --update-baselines --baseline-dir $(TEST_BASELINES) \
+	$(SELF_AB) --update-baselines --baseline-dir $(TEST_BASELINES) \
 	--sweep-variant base_model_cpu --sweep-concurrency 2 -m "not disconnects"
 # The container pass checks what differs with a container: serving and correctness, and the A/B of each variant
 # and captioner against the seed's, served by the same container.
 CONTAINER_PASS := suite --model tiny --server container $(TINY_LEVELS) --concurrency 2 --caption-concurrency 2 \
-	--reference-repository model_repository --ab-rounds 5 -m "correctness or ab"
+	$(SELF_AB) -m "correctness or ab"
 # tests/ in two steps: the tests that do not need the host to themselves two at a time (pytest-xdist; each test's
 # servers and suite runs have ports and folders of their own), then the `serial` ones alone: those that compare
 # speeds, or count on leftovers only their own next run may remove.

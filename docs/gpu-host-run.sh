@@ -45,7 +45,7 @@ cp -r model_repository/blip_caption model_repository/blip_caption_vision model_r
 sed -i 's/kind: KIND_CPU/kind: KIND_GPU/' "$gpu_captioner"/*/config.pbtxt
 
 set +e
-"$PYTHON" -m pytest suite -m gpu --model base --server local -p no:cacheprovider \
+"$PYTHON" -m pytest suite -m gpu --model base --server local --require-gpus 1 -p no:cacheprovider \
     --report-dir="$OUT_DIR/report" --baseline-dir="$OUT_DIR/baselines" "$@"
 status=$?
 "$PYTHON" -m pytest suite/test_captioner.py suite/test_caption_latency.py suite/test_caption_load.py --model base \

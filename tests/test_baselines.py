@@ -221,6 +221,37 @@ def test_missing_and_mistyped_fields_are_named(tmp_path: Path, fingerprint: Fing
         store.load(fingerprint, MODEL_ID, VARIANT)
 
 
+@pytest.mark.parametrize(
+    ("metric", "value", "problem"),
+    [
+        ("throughput_infer_per_s", 0, "not above 0"),
+        ("latency_p99_ms", -3.5, "not above 0"),
+        ("throughput_spread_pct", -1, "below 0"),
+    ],
+)
+def test_a_baseline_edited_to_what_no_measurement_reads_is_refused(
+    tmp_path: Path, fingerprint: Fingerprint, metric: str, value: float, problem: str
+) -> None:
+    """A stored throughput of 0 reads as an improvement for ever, a p99 of -3.5 ms as a regression nobody can fix:
+    a gate silently off (or stuck) is refused, naming the file, the field and the fix."""
+    store = BaselineStore(tmp_path)
+    measured = {
+        "throughput_infer_per_s": 40.0,
+        "latency_p99_ms": 30.0,
+        "throughput_spread_pct": 0.0,
+        "caption_errors": 0.0,
+    }
+    store.save(baseline(fingerprint, {"concurrency=1": measured}))  # zero spreads and error counts are measurements
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    data = json.loads(path.read_text())
+    data["levels"]["concurrency=1"][0]["metrics"][metric] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(BaselineError) as refused:
+        store.load(fingerprint, MODEL_ID, VARIANT)
+    assert f"levels['concurrency=1'][0].metrics['{metric}'] is {value!r}, {problem}" in str(refused.value)
+    assert str(refused.value).endswith("Fix: restore it from version control, or re-record it with --update-baselines")
+
+
 def test_fingerprint_that_does_not_match_its_folder_is_reported(tmp_path: Path, fingerprint: Fingerprint) -> None:
     store = BaselineStore(tmp_path)
     store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))

@@ -175,3 +175,29 @@ def test_a_value_the_export_or_the_load_cannot_use_is_a_usage_error(option: tupl
     assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_gpu_run_on_a_host_whose_nvidia_smi_fails_is_an_error_never_all_skipped(tmp_path: Path) -> None:
+    """The GPU workflow's command on a runner whose driver broke: an error naming nvidia-smi's own words, not a
+    green run with every GPU variant skipped as if the host had none."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n"
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = run_pytest("suite", "-m", "gpu", env=env)
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (
+        f"the GPUs of this host cannot be listed: {fake} failed with exit code 9 and said: NVIDIA-SMI has failed"
+        in (result.stderr)
+    )
+
+
+def test_require_gpus_fails_a_host_without_them_and_says_why(tmp_path: Path) -> None:
+    no_nvidia_smi = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # this venv's tools only
+    result = run_pytest("suite", "-m", "gpu", "--require-gpus", "1", env=no_nvidia_smi)
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "--require-gpus 1: no nvidia-smi on PATH (no NVIDIA driver installed)" in result.stderr
+    plain = run_pytest("suite", "-m", "gpu", "--collect-only", "-q", env=no_nvidia_smi)
+    assert plain.returncode == pytest.ExitCode.OK  # a host that simply has no GPU still collects, skipping them

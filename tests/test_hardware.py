@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
 from blip_triton_bench.hardware import (
     GpuInfo,
+    GpuQueryError,
+    missing_gpus,
     parse_cpu_features,
     parse_nvidia_smi,
     probe_host,
+    query_gpus,
     read_cpu_features,
     read_cpu_model,
 )
@@ -76,17 +81,35 @@ def test_probe_asks_nvidia_smi_for_the_gpus(tmp_path, monkeypatch) -> None:
     assert host.gpu_count == 1 and host.gpu_driver == "560.35.03"
 
 
+DRIVER_GONE = "NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver."
+
+
 @pytest.mark.parametrize(
-    "script",
+    ("script", "expected"),
     [
         # what nvidia-smi does on a host with the tool but no working driver
-        "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'; exit 9",
-        "kill -9 $$",  # killed by a signal
+        (f"echo '{DRIVER_GONE}'; exit 9", f"failed with exit code 9 and said: {DRIVER_GONE}; fix the NVIDIA driver"),
+        ("kill -9 $$", "was killed by signal 9 and said: nothing"),
+        (f"exec {sys.executable} -c 'import time; time.sleep(5)'", "did not answer within 0.5 s"),  # a hung driver
     ],
 )
-def test_a_failing_nvidia_smi_means_no_gpu(tmp_path, monkeypatch, script: str) -> None:
+def test_a_failing_or_hanging_nvidia_smi_is_an_error_naming_what_it_said(
+    tmp_path, monkeypatch, script: str, expected: str
+) -> None:
+    """Never 'no GPUs': a GPU runner whose driver broke would skip every GPU variant and go green."""
     monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path, script)))
-    assert probe_host().gpus == ()
+    with pytest.raises(GpuQueryError, match=re.escape(expected)):
+        query_gpus(timeout_s=0.5)
+
+
+def test_too_few_gpus_for_require_gpus_say_why() -> None:
+    assert missing_gpus(0, (), None) is None
+    assert missing_gpus(1, (H100,), "/usr/bin/nvidia-smi") is None
+    assert missing_gpus(1, (), None) == "--require-gpus 1: no nvidia-smi on PATH (no NVIDIA driver installed)"
+    assert missing_gpus(2, (H100,), "/usr/bin/nvidia-smi") == (
+        "--require-gpus 2: nvidia-smi lists 1 of 2 (NVIDIA H100 80GB HBM3)"
+    )
+    assert missing_gpus(1, (), "/usr/bin/nvidia-smi") == "--require-gpus 1: nvidia-smi lists 0 of 1"
 
 
 # Two processors of the two "AMD EPYC" host kinds these VMs run on, flags lines as /proc/cpuinfo prints them.

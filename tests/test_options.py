@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -128,3 +130,39 @@ def test_load_workers_are_counted_and_a_cluster_gets_no_system_shared_memory() -
     with pytest.raises(OptionError, match=r"^--shared-memory system needs every client on the server's host"):
         check_options(options(load_cluster="127.0.0.1:6379", shared_memory="system"), REPOSITORY, ROOT, ci=False)
     check_options(options(load_workers=256, load_cluster="127.0.0.1:6379"), REPOSITORY, ROOT, ci=False)
+
+
+@pytest.mark.parametrize("tolerance", [math.nan, math.inf, -5.0, 0.0, 100.0, 250.0])
+def test_a_tolerance_that_would_turn_the_gate_off_is_a_usage_error(tolerance: float) -> None:
+    with pytest.raises(
+        OptionError, match=r"^--tolerance-pct .*: a tolerance must be a number of percent above 0 and below 100"
+    ):
+        check_options(options(tolerance_pct=tolerance), REPOSITORY, ROOT, ci=False)
+    check_options(options(tolerance_pct=99.0), REPOSITORY, ROOT, ci=False)
+
+
+def test_a_configs_tolerance_that_would_turn_the_gate_off_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from blip_triton_bench.perf import PerfConfigError, PerfSettings, variant_tolerance_pct
+
+    seed = (ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt").read_text()
+    for text, accepted in (('"nan"', False), ('"100"', False), ('"ten"', False), ('"12.5"', True)):
+        (tmp_path / "base_model_cpu").mkdir(exist_ok=True)
+        config = tmp_path / "base_model_cpu" / "config.pbtxt"
+        config.write_text(seed + f'parameters {{ key: "bench_tolerance_pct" value: {{ string_value: {text} }} }}\n')
+        (variant,) = discover_variants(tmp_path)
+        settings = PerfSettings.from_options(options())
+        if accepted:
+            assert variant_tolerance_pct(variant, settings) == 12.5
+            continue
+        with pytest.raises(
+            PerfConfigError, match=re.escape(f"{config}: parameters 'bench_tolerance_pct' {text[1:-1]!r}")
+        ):
+            variant_tolerance_pct(variant, settings)
+
+
+def test_require_gpus_counts_this_hosts_gpus_and_never_an_external_servers() -> None:
+    with pytest.raises(OptionError, match=r"^--require-gpus -1: a number of GPUs"):
+        check_options(options(require_gpus=-1), REPOSITORY, ROOT, ci=False)
+    with pytest.raises(OptionError, match=r"^--require-gpus counts this host's GPUs"):
+        check_options(options(require_gpus=1, server="external", triton_url="h:8000"), REPOSITORY, ROOT, ci=False)
+    check_options(options(require_gpus=1), REPOSITORY, ROOT, ci=False)  # counted against the host at configure

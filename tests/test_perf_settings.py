@@ -60,7 +60,9 @@ def test_bad_parameters_name_the_config_file(tmp_path: Path) -> None:
     bad_tolerance = variant_with(
         tmp_path / "t", 'parameters { key: "bench_tolerance_pct" value: { string_value: "lots" } }'
     )
-    with pytest.raises(PerfConfigError, match=r"parameters 'bench_tolerance_pct' is 'lots'; it must be a number"):
+    with pytest.raises(
+        PerfConfigError, match=r"parameters 'bench_tolerance_pct' 'lots': a tolerance must be a number of percent"
+    ):
         variant_tolerance_pct(bad_tolerance, DEFAULTS)
 
 
