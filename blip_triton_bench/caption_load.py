@@ -357,7 +357,7 @@ def _open_loop(url: str, request: CaptionRequest, rate: float, settings: LoadSet
         dispatcher.join()
         pool.shutdown(wait=True)
         for client in opened:
-            client.__exit__(None, None, None)
+            client.close()
 
 
 def measure_caption_level(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blip_triton_bench.proof import RunProof
 from blip_triton_bench.repository import Variant
 from blip_triton_bench.servers.base import ModelLoad, RunningServer, ServerStartError
 from blip_triton_bench.servers.supervised import ServerDeath
@@ -38,15 +39,23 @@ class FinishOutcome:
     baselines_not_written: tuple[str, ...] = ()  # variants
     report_problem: str | None = None  # the summary's "report NOT WRITTEN" line
     server_deaths: int = 0  # a server that died mid-run fails the run, even where every test that ran passed
+    unproven: tuple[str, ...] = ()  # with --require-judged: what the run selected and did not judge
 
     @property
     def failed(self) -> bool:
-        return bool(self.baselines_not_written) or self.report_problem is not None or self.server_deaths > 0
+        return (
+            bool(self.baselines_not_written)
+            or self.report_problem is not None
+            or self.server_deaths > 0
+            or bool(self.unproven)
+        )
 
     def reasons(self) -> list[str]:
         reasons = []
         if self.server_deaths:
             reasons.append(f"tritonserver died {self.server_deaths} time(s) during the run")
+        if self.unproven:
+            reasons.append(f"{len(self.unproven)} check(s) not judged (--require-judged)")
         if self.baselines_not_written:
             reasons.append(f"baselines not written for {', '.join(self.baselines_not_written)}")
         if self.report_problem is not None:
@@ -89,6 +98,7 @@ class BenchSession:
     artifact_bytes: dict[str, int] = field(default_factory=dict)
     sweep_lines: list[str] = field(default_factory=list)
     outcome: FinishOutcome = field(default_factory=FinishOutcome)
+    proof: RunProof = field(default_factory=RunProof)  # what each suite test judged, or why not
 
     def record_correctness(self, variant: str | None, passed: bool) -> None:
         self.correctness_passed.setdefault(variant or EXPORT_GATE, []).append(passed)
@@ -134,9 +144,12 @@ class BenchSession:
             )
         return sizes
 
-    def finish(self, report_dir: Path, update_baselines: bool) -> FinishOutcome:
+    def finish(self, report_dir: Path, update_baselines: bool, require_judged: bool = False) -> FinishOutcome:
         """Record baselines (with --update-baselines, correctness permitting), then write the report, whatever
-        happened to the baselines. Neither raises for a write that fails: the outcome and the summary say it."""
+        happened to the baselines. Neither raises for a write that fails: the outcome and the summary say it. With
+        `require_judged`, anything the run's tests did not judge fails the run."""
+        unproven = tuple(self.proof.unproven()) if require_judged else ()
+        self.outcome = dataclasses.replace(self.outcome, unproven=unproven)
         perf = self.perf
         measured = perf is not None and bool(perf.results or perf.startup_results or perf.failed_levels)
         recorded = (
@@ -148,6 +161,7 @@ class BenchSession:
             or self.caption_load
             or self.sweep_lines
             or self.interrupted_during is not None
+            or self.proof.findings
         )
         if not recorded:
             return self.outcome  # server deaths are in it already
@@ -161,6 +175,7 @@ class BenchSession:
             baselines_not_written=not_written,
             report_problem=self._write_report(perf, report_dir),
             server_deaths=len(self.server_deaths),
+            unproven=unproven,
         )
         return self.outcome
 
@@ -198,7 +213,8 @@ class BenchSession:
         return None
 
     def summary_lines(self) -> list[str]:
-        """The terminal summary: notes, model loads, correctness, the report's tables, baselines recorded."""
+        """The terminal summary: notes, model loads, correctness, the report's tables, baselines recorded, and last
+        what the run proved."""
         lines = list(self.notes)
         for name, load in self.model_loads.items():
             if isinstance(load, ModelLoad):
@@ -215,6 +231,7 @@ class BenchSession:
         if self.baseline_lines:
             lines.append("baselines (--update-baselines):")
             lines.extend(f"  {line}" for line in self.baseline_lines)
+        lines.extend(self.proof.lines())
         if self.outcome.failed:
             lines.append(f"the run fails (exit status 1): {'; '.join(self.outcome.reasons())}")
         return lines

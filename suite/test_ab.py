@@ -10,6 +10,7 @@ import pytest
 from blip_triton_bench.ab import ABLevel, ABRoundFailed, ABRun
 from blip_triton_bench.load import LevelAborted, LoadLevel
 from blip_triton_bench.model import ModelDescription
+from blip_triton_bench.proof import Judgement, Outcome
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import load_image, preprocess
@@ -19,14 +20,16 @@ pytestmark = [pytest.mark.perf, pytest.mark.ab]
 IMAGE = "astronaut"
 
 
-def test_after_vs_before(served_variant: ServedVariant, load_level: LoadLevel, ab_run: ABRun) -> None:
+def test_after_vs_before(
+    served_variant: ServedVariant, load_level: LoadLevel, ab_run: ABRun, judgement: Judgement
+) -> None:
     try:
         compared = ab_run.run_level(served_variant.variant, load_level)
     except ServerStartError as error:
         pytest.fail(f"the 'before' side could not be prepared: {error}", pytrace=False)
     except LevelAborted as aborted:
         pytest.fail(f"{aborted} during {served_variant.name} {load_level.level_id} (A/B)", pytrace=False)
-    fail_on_regression(compared)
+    fail_on_regression(compared, judgement)
 
 
 def test_caption_after_vs_before(
@@ -35,6 +38,7 @@ def test_caption_after_vs_before(
     ab_run: ABRun,
     model_description: ModelDescription,
     bench_options,
+    judgement: Judgement,
 ) -> None:
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     try:
@@ -45,11 +49,17 @@ def test_caption_after_vs_before(
         pytest.fail(f"the 'before' side could not be prepared: {error}", pytrace=False)
     except ABRoundFailed as failed:
         pytest.fail(f"{served_captioner.name} {caption_load_level.level_id} (A/B): {failed}", pytrace=False)
-    fail_on_regression(compared)
+    fail_on_regression(compared, judgement)
 
 
-def fail_on_regression(compared: ABLevel) -> None:
-    if compared.verdict.failed:
+def fail_on_regression(compared: ABLevel, judgement: Judgement) -> None:
+    verdict = compared.verdict
+    judgement.judged(
+        f"{compared.level_id} {verdict.unit}",
+        Outcome(verdict.status.value),
+        f"{verdict.effect_pct:+.1f} % against the 'before' side over {verdict.rounds} rounds, p = {verdict.p_value:.3f}",
+    )
+    if verdict.failed:
         pytest.fail(
             f"{compared.variant} {compared.level_id} regressed against the reference: {compared.verdict.message}",
             pytrace=False,

@@ -19,19 +19,26 @@ ROUNDS = 10
 
 
 def test_single_request_latency_through_triton(
-    served_variant: ServedVariant, model_description: ModelDescription, bench_options, benchmark
+    served_variant: ServedVariant, model_description: ModelDescription, bench_options, benchmark, judgement
 ) -> None:
     inputs = build_inputs(model_description, 1, bench_options.sequence_length)
     with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc") as client:
         logits = benchmark.pedantic(client.infer, args=(served_variant.name, inputs), rounds=ROUNDS, warmup_rounds=1)
     assert logits.shape == (1, bench_options.sequence_length, model_description.vocab_size)
+    judgement.measured("", "one request's latency, for pytest-benchmark's table; no baseline holds it")
 
 
 def test_in_process_onnxruntime_reference(
-    reference_sessions: ReferenceSessions, model_description: ModelDescription, bench_options, bench_session, benchmark
+    reference_sessions: ReferenceSessions,
+    model_description: ModelDescription,
+    bench_options,
+    bench_session,
+    benchmark,
+    judgement,
 ) -> None:
     inputs = build_inputs(model_description, 1, bench_options.sequence_length).as_dict()
     session = reference_sessions.for_export()
     (logits,) = benchmark.pedantic(session.run, args=(["logits"], inputs), rounds=ROUNDS, warmup_rounds=1)
     assert logits.shape == (1, bench_options.sequence_length, model_description.vocab_size)
     bench_session.in_process_infer_per_s = 1.0 / benchmark.stats.stats.median
+    judgement.measured("", "the in-process speed served throughput is compared with")

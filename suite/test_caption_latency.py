@@ -15,6 +15,7 @@ from blip_triton_bench.caption_latency import CAPTION_LEVEL, IN_PROCESS_WAY, Cap
 from blip_triton_bench.client import TritonInferClient
 from blip_triton_bench.model import ModelDescription
 from blip_triton_bench.perf import PerfRun, enforce_verdict
+from blip_triton_bench.proof import Judgement
 from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import load_image, preprocess
 
@@ -23,14 +24,16 @@ pytestmark = pytest.mark.perf
 IMAGE = "astronaut"
 
 
-def judge(latency: CaptionLatency, served: ServedVariant, perf_run: PerfRun, bench_session) -> None:
+def judge(
+    latency: CaptionLatency, served: ServedVariant, perf_run: PerfRun, bench_session, judgement: Judgement
+) -> None:
     assert all(len(caption.generated_ids) == latency.output_tokens for caption in latency.captions)
     bench_session.caption_latency[served.name] = latency
     try:
         result = perf_run.judge_startup(served.variant, latency.metrics(), CAPTION_LEVEL)
     except BaselineError as error:
         pytest.fail(str(error), pytrace=False)
-    enforce_verdict(result, perf_run)
+    enforce_verdict(result, perf_run, judgement)
 
 
 def test_monolithic_caption_latency(
@@ -39,6 +42,7 @@ def test_monolithic_caption_latency(
     bench_options,
     perf_run: PerfRun,
     bench_session,
+    judgement: Judgement,
 ) -> None:
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc") as client:
@@ -50,7 +54,7 @@ def test_monolithic_caption_latency(
             for _ in range(bench_options.caption_repeats)
         )
     latency = CaptionLatency(served_variant.name, "monolithic (one request per token)", captions)
-    judge(latency, served_variant, perf_run, bench_session)
+    judge(latency, served_variant, perf_run, bench_session, judgement)
 
 
 def test_captioner_caption_latency(
@@ -59,6 +63,7 @@ def test_captioner_caption_latency(
     bench_options,
     perf_run: PerfRun,
     bench_session,
+    judgement: Judgement,
 ) -> None:
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     bos = model_description.special_tokens.bos_token_id
@@ -69,11 +74,16 @@ def test_captioner_caption_latency(
             for _ in range(bench_options.caption_repeats)
         )
     way = "captioner (streamed)" if served_captioner.variant.decoupled else "captioner (one response)"
-    judge(CaptionLatency(served_captioner.name, way, captions), served_captioner, perf_run, bench_session)
+    judge(CaptionLatency(served_captioner.name, way, captions), served_captioner, perf_run, bench_session, judgement)
 
 
 def test_in_process_decoder_floor(
-    served_captioner: ServedVariant, model_artifacts, model_description: ModelDescription, bench_options, bench_session
+    served_captioner: ServedVariant,
+    model_artifacts,
+    model_description: ModelDescription,
+    bench_options,
+    bench_session,
+    judgement: Judgement,
 ) -> None:
     """What the captioner's inter-token latency is held to, same run: the same split encoder and decoder step in this
     process (ONNX Runtime, no server, no transfer), for captions as long as the served ones. Not judged against a
@@ -95,3 +105,4 @@ def test_in_process_decoder_floor(
     latency = CaptionLatency(in_process_key(served_captioner.name), IN_PROCESS_WAY, tuple(captions))
     assert latency.output_tokens == bench_options.caption_tokens
     bench_session.caption_latency[latency.variant] = latency
+    judgement.measured("", "the in-process decoder step the served inter-token latency is compared with")

@@ -18,6 +18,7 @@ from blip_triton_bench.caption_load import CaptionRequest, measure_caption_level
 from blip_triton_bench.load import LoadLevel
 from blip_triton_bench.model import ModelDescription
 from blip_triton_bench.perf import PerfRun, UnstableMeasurement, enforce_verdict
+from blip_triton_bench.proof import Judgement
 from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import load_image, preprocess
 
@@ -33,6 +34,7 @@ def test_caption_load(
     bench_options,
     perf_run: PerfRun,
     bench_session,
+    judgement: Judgement,
 ) -> None:
     url, tokens = served_captioner.server.endpoints.grpc_url, bench_options.caption_tokens
     pixel_values = preprocess([load_image(IMAGE)], model_description)
@@ -57,4 +59,5 @@ def test_caption_load(
         result = perf_run.judge_startup(served_captioner.variant, measurement.metrics(), caption_load_level.level_id)
     except BaselineError as error:
         pytest.fail(str(error), pytrace=False)
-    enforce_verdict(result, perf_run)
+    unstable = "" if measurement.stability.stable else measurement.stability.reason or "its windows never settled"
+    enforce_verdict(result, perf_run, judgement, unstable)

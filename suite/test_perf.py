@@ -13,12 +13,15 @@ import pytest
 from blip_triton_bench.baselines import BaselineError
 from blip_triton_bench.load import LoadLevel
 from blip_triton_bench.perf import PerfRun, UnstableMeasurement, VariantStopped, enforce_verdict
+from blip_triton_bench.proof import Judgement
 from blip_triton_bench.servers.served import ServedVariant
 
 pytestmark = pytest.mark.perf
 
 
-def test_throughput_and_latency(served_variant: ServedVariant, load_level: LoadLevel, perf_run: PerfRun) -> None:
+def test_throughput_and_latency(
+    served_variant: ServedVariant, load_level: LoadLevel, perf_run: PerfRun, judgement: Judgement
+) -> None:
     try:
         judged = perf_run.run_level(served_variant.variant, load_level)
     except BaselineError as error:
@@ -39,4 +42,4 @@ def test_throughput_and_latency(served_variant: ServedVariant, load_level: LoadL
             ),
             stacklevel=1,
         )
-    enforce_verdict(judged, perf_run)
+    enforce_verdict(judged, perf_run, judgement)

@@ -10,6 +10,7 @@ import pytest
 from blip_triton_bench.baselines import BaselineError
 from blip_triton_bench.model import ModelDescription
 from blip_triton_bench.perf import PerfRun, enforce_verdict
+from blip_triton_bench.proof import Judgement
 from blip_triton_bench.repository import StagedRepository
 from blip_triton_bench.servers.choice import ServerChoice
 from blip_triton_bench.servers.served import ServedVariant
@@ -58,6 +59,7 @@ def test_startup_costs(
     perf_run: PerfRun,
     model_description: ModelDescription,
     bench_options,
+    judgement: Judgement,
 ) -> None:
     inputs = build_inputs(model_description, 1, bench_options.sequence_length)
     warm_up = measure_warm_up(served_variant.server, served_variant.name, inputs, REPEATS)
@@ -68,4 +70,4 @@ def test_startup_costs(
         pytest.fail(str(error), pytrace=False)
 
     assert all(seconds > 0 for seconds in warm_up.load_s)
-    enforce_verdict(result, perf_run)
+    enforce_verdict(result, perf_run, judgement)

@@ -126,9 +126,27 @@ def test_missing_baseline_skips_with_the_command_that_records_it(tmp_path: Path)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "no baseline for base_model_cpu concurrency=2 on this machine" in result.stdout
     assert "record one with: pytest " in result.stdout and "--update-baselines" in result.stdout
+    # green, and the summary says the level was not judged and why, last; so do report.md and results.json
+    proved = result.stdout[result.stdout.index("what this run proved: ") :]
+    assert (
+        "    throughput_and_latency[concurrency=2]: not judged (no baseline for base_model_cpu concurrency=2" in proved
+    )
+    (proof,) = [
+        finding
+        for finding in json.loads((tmp_path / "reports" / "results.json").read_text())["sections"][
+            "What this run proved"
+        ]["data"]
+        if finding["check"] == "throughput_and_latency[concurrency=2]"
+    ]
+    assert proof["variant"] == "base_model_cpu" and proof["outcome"] == "not judged"
     required = run_suite(
         repository, tmp_path / "empty-store", tmp_path / "reports2", "-m", "perf", "--require-baselines"
     )
     assert required.returncode == 1
+    # --require-judged: the skip fails nothing, the run fails for what it left unjudged
+    judged = run_suite(repository, tmp_path / "empty-store", tmp_path / "reports3", "-m", "perf", "--require-judged")
+    assert judged.returncode == 1, judged.stdout[-4000:]
+    assert " 1 skipped" in judged.stdout and " failed" not in judged.stdout.splitlines()[-1]
+    assert "the run fails (exit status 1): 1 check(s) not judged (--require-judged)" in judged.stdout
     assert not (tmp_path / "empty-store").exists()  # nothing was recorded without --update-baselines
     shutil.rmtree(tmp_path / "reports", ignore_errors=True)

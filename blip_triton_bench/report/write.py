@@ -69,6 +69,9 @@ SWEEP_PLOT = "sweep_frontier.png"
 BEST_CONFIG = "best_config.pbtxt"
 
 
+PROOF_SECTION = "What this run proved"
+
+
 @dataclass(frozen=True)
 class ReportSection:
     """A titled part of report.md beyond the load levels, with the plots it refers to."""
@@ -77,6 +80,7 @@ class ReportSection:
     markdown: str
     plots: tuple[Path, ...] = ()
     data: Any = None  # what results.json holds for it (dataclasses and plain values)
+    in_summary: bool = True  # False: the terminal summary says it its own way (what the run proved, last)
 
 
 def _jsonable(value: Any) -> Any:
@@ -136,7 +140,8 @@ def _level_tables(results: Sequence[JudgedLevel], efficiencies, startup: Sequenc
 def _summary_lines(table: str, efficiency: str, sections: Sequence[ReportSection]) -> list[str]:
     lines = [table, ""] + ([efficiency, ""] if efficiency else [])
     for section in sections:
-        lines += [f"{section.title}:", section.markdown, ""]
+        if section.in_summary:
+            lines += [f"{section.title}:", section.markdown, ""]
     return lines
 
 
@@ -289,6 +294,10 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
         failed = session.perf.failed_levels
         sections.append(
             ReportSection("Levels not measured", failed_levels_table(failed), data=[f.to_dict() for f in failed])
+        )
+    if session.proof.findings:
+        sections.append(
+            ReportSection(PROOF_SECTION, session.proof.markdown(), data=session.proof.to_dicts(), in_summary=False)
         )
     return sections
 
