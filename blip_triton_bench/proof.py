@@ -141,7 +141,9 @@ def _told(findings: list[Finding]) -> list[str]:
     by_reason: dict[tuple[Outcome, str], list[str]] = {}
     for finding in findings:
         if finding.outcome in TOLD:
-            by_reason.setdefault((finding.outcome, finding.reason), []).append(finding.check)
+            # a failure's message is pytest's to print, once (report.md and results.json keep it beside the check)
+            reason = "" if finding.outcome is Outcome.FAILED else finding.reason
+            by_reason.setdefault((finding.outcome, reason), []).append(finding.check)
     lines = []
     for (outcome, reason), checks in by_reason.items():
         because = f" ({reason})" if reason else ""

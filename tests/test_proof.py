@@ -96,7 +96,7 @@ def test_the_summary_counts_per_variant_and_names_everything_not_judged() -> Non
     )
     assert "  base_model_cpu: 1 failed, 1 pass, 1 not judged" in lines
     assert "    throughput_and_latency[c4]: not judged (no baseline for c4)" in lines
-    assert "    triton_matches_onnxruntime: failed (max abs error 0.3 > 1e-4)" in lines
+    assert "    triton_matches_onnxruntime: failed" in lines  # its message is pytest's to print, once
     assert "    triton_matches_onnxruntime: not judged (needs 1 GPU, this host has 0)" in lines
     assert proof.unproven() == [
         "base_model_cpu throughput_and_latency[c4]: not judged (no baseline for c4)",

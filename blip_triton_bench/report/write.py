@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2
 from blip_triton_bench.caption_latency import inter_token_floor_lines
 from blip_triton_bench.efficiency import InProcessReference
 from blip_triton_bench.files import write_text_atomic
-from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, StartupResult
+from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, PerfRun, StartupResult
 from blip_triton_bench.report.plots import (
     plot_ab,
     plot_accuracy_vs_speed,
@@ -192,6 +192,12 @@ def write_report(
     return [*lines, f"report: {directory} ({', '.join(['results.json', 'results.csv', 'report.md', *names])})"]
 
 
+def software_changed(perf: PerfRun) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(variant, level, changes) for each level judged against a baseline recorded under other software."""
+    judged = [*perf.results, *perf.startup_results]
+    return [(item.variant, item.level_id, item.software_changes) for item in judged if item.software_changes]
+
+
 def session_sections(session: BenchSession, directory: Path | None) -> list[ReportSection]:
     """Caption latency, the pick-a-variant table and plot, and the sweep, from what the session's tests recorded.
 
@@ -294,6 +300,15 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
         failed = session.perf.failed_levels
         sections.append(
             ReportSection("Levels not measured", failed_levels_table(failed), data=[f.to_dict() for f in failed])
+        )
+    if session.perf is not None and (changed := software_changed(session.perf)):
+        sections.append(
+            ReportSection(
+                "Software changed since the baselines",
+                "\n".join(f"- {variant} {level}: {'; '.join(changes)}" for variant, level, changes in changed)
+                + "\n\nA change judged against these baselines may be the upgrade, not the repository.",
+                data=[{"variant": v, "level": level, "changes": list(changes)} for v, level, changes in changed],
+            )
         )
     if session.proof.findings:
         sections.append(
