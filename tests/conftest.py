@@ -62,9 +62,9 @@ def recorded_tiny_baselines(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One baseline store per session, recorded by the suite as a user would (`--update-baselines`) for the seed's
     base_model_cpu at suite_runs.QUICK_LEVEL. Tests copy it (`copy_recorded_baselines`) instead of recording their
     own; a test of recording itself (test_regression_end_to_end.py) still records."""
-    from tests.suite_runs import Suite
+    from tests.suite_runs import RECORDING_LEVEL, Suite
 
-    suite = Suite(tmp_path_factory.mktemp("recorded-baselines"))
+    suite = Suite(tmp_path_factory.mktemp("recorded-baselines"), level=RECORDING_LEVEL)
     recorded = suite.run("suite/test_serving_correctness.py", "suite/test_perf.py", "--update-baselines")
     assert recorded.returncode == 0, recorded.output[-4000:]
     assert len(list(suite.baseline_dir.rglob("base_model_cpu.json"))) == 1, recorded.output[-4000:]

@@ -35,6 +35,11 @@ PERF_TEST = f"suite/test_perf.py::test_throughput_and_latency[{VARIANT}-concurre
 #: recorded; a 50 % tolerance, so a run judged against the recorded store fails only for a real slowdown.
 QUICK_LEVEL = ("--concurrency", "2", "--window-s", "1", "--warmup-s", "0.5", "--max-windows", "10",
                "--stability-percentage", "30", "--tolerance-pct", "50")  # fmt: skip
+#: The level of a run that must record a baseline: QUICK_LEVEL, but a level whose windows vary up to 5x is still
+#: taken as stable. Only stable levels are recorded, and beside another test a window can vary by over 30 % (seen in
+#: CI: 31.7 %, nothing recorded, and a test of what recording keeps had nothing to keep). These runs check what is
+#: recorded and kept, not how fast.
+RECORDING_LEVEL = (*QUICK_LEVEL[:-4], "--stability-percentage", "400", "--tolerance-pct", "50")
 #: The level of a run a fault interrupts: at least 1 s warm-up and 3 windows of 3 s, so a fault injected once the
 #: level's first requests are answered (RunningSuite.wait_for_perf_level) lands inside it.
 FAULT_LEVEL = ("--concurrency", "2", "--window-s", "3", "--warmup-s", "1", "--max-windows", "10",

@@ -23,6 +23,7 @@ from blip_triton_bench.leftovers import STUB_NAME, SYSTEM_SHM_DIR
 from tests.suite_runs import (
     FAULT_LEVEL,
     PERF_TEST,
+    RECORDING_LEVEL,
     SEED_CONFIG,
     SEED_REPOSITORY,
     Suite,
@@ -70,7 +71,7 @@ def full_directory(path: Path, keep: dict[str, bytes] | None = None) -> Iterator
 def test_a_full_baseline_store_keeps_the_old_baseline_the_report_and_fails_the_run(
     tmp_path: Path, recorded_tiny_baselines: Path
 ) -> None:
-    suite = Suite(tmp_path)
+    suite = Suite(tmp_path, level=RECORDING_LEVEL)
     store = copy_recorded_baselines(recorded_tiny_baselines, suite.baseline_dir)
     before = {str(path.relative_to(store)): data for path, data in baseline_files(store).items()}
     assert len(before) == 1
@@ -90,7 +91,7 @@ def test_a_full_baseline_store_keeps_the_old_baseline_the_report_and_fails_the_r
 
 
 def test_a_full_report_directory_keeps_the_tables_in_the_terminal_and_the_baselines(tmp_path: Path) -> None:
-    suite = Suite(tmp_path)
+    suite = Suite(tmp_path, level=RECORDING_LEVEL)
     with full_directory(tmp_path / "report-1"):
         run = suite.run("suite/test_serving_correctness.py", "suite/test_perf.py", "--update-baselines")
         assert not (run.report_dir / "results.json").exists()
