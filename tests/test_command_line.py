@@ -26,6 +26,7 @@ REPOSITORY_VARIANTS = (
     "base_model_cpu",
     "base_model_cpu_int8",
     "base_model_gpu",
+    "base_model_gpu_fp16",
     "base_model_multi_gpu",
     "blip_caption",
     "blip_caption_decoder",
@@ -58,7 +59,7 @@ def test_gpu_marker_selects_the_variants_whose_config_needs_a_gpu() -> None:
     result = run_pytest("--collect-only", "-q", "-m", "gpu", "suite/test_serving_correctness.py")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[base_model_cpu-" not in result.stdout
-    for variant in ("base_model_gpu", "base_model_multi_gpu", "trt_model"):
+    for variant in ("base_model_gpu", "base_model_gpu_fp16", "base_model_multi_gpu", "trt_model"):
         assert f"[{variant}-grpc]" in result.stdout
 
 
@@ -72,6 +73,7 @@ def gpu_variant_gaps() -> dict[str, list[str]]:
     two_gpus = f"needs 2 GPUs (instance_group[0] kind KIND_GPU on gpus [0, 1]), this host has {gpus}"
     return {
         "base_model_gpu": [one_gpu] if gpus < 1 else [],
+        "base_model_gpu_fp16": [one_gpu] if gpus < 1 else [],
         "base_model_multi_gpu": [two_gpus] if gpus < 2 else [],
         "trt_model": ([one_gpu] if gpus < 1 else []) + ([TENSORRT] if not tensorrt_runs else []),
     }

@@ -106,9 +106,10 @@ def test_shortfall_names_both_numbers_the_batch_and_the_parameter() -> None:
     )  # reported only
 
 
-def test_min_serving_efficiency_is_set_for_base_model_gpu_only() -> None:
+def test_min_serving_efficiency_is_set_for_the_batched_gpu_variants_only() -> None:
     minimums = {v.name: variant_min_serving_efficiency(v) for v in discover_variants(SEED_REPOSITORY)}
     assert minimums.pop("base_model_gpu") == 0.8
+    assert minimums.pop("base_model_gpu_fp16") == 0.8
     assert set(minimums.values()) == {None}
 
 
