@@ -203,3 +203,35 @@ def test_require_gpus_fails_a_host_without_them_and_says_why(tmp_path: Path) -> 
     assert "--require-gpus 1: no nvidia-smi on PATH (no NVIDIA driver installed)" in result.stderr
     plain = run_pytest("suite", "-m", "gpu", "--collect-only", "-q", env=no_nvidia_smi)
     assert plain.returncode == pytest.ExitCode.OK  # a host that simply has no GPU still collects, skipping them
+
+
+@pytest.mark.parametrize("hostile", ["relative", "absolute", "linked_version_folder"])
+def test_a_repository_that_points_outside_itself_exits_4_and_leaves_the_victim_alone(
+    tmp_path: Path, hostile: str
+) -> None:
+    victim_dir = tmp_path / "victim_dir"
+    victim_dir.mkdir()
+    victim = victim_dir / "model.onnx"
+    victim.write_bytes(b"a file the run must not touch\n")
+    repository = tmp_path / "repository"
+    folder = repository / "base_model_cpu"
+    folder.mkdir(parents=True)
+    config = (REPOSITORY_ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt").read_text()
+    if hostile == "relative":
+        config += '\ndefault_model_filename: "../../victim"\n'
+        expected = f"{folder / 'config.pbtxt'}: default_model_filename is '../../victim'; it must be one plain name"
+    elif hostile == "absolute":
+        config += f'\ndefault_model_filename: "{victim}"\n'
+        expected = f"{folder / 'config.pbtxt'}: default_model_filename is '{victim}'; it must be one plain name"
+    else:
+        (folder / "1").symlink_to(victim_dir, target_is_directory=True)
+        expected = f"{folder / '1'} links to {victim_dir.resolve()}, outside {folder}"
+    (folder / "config.pbtxt").write_text(config)
+
+    result = run_pytest(f"--model-repository={repository}", "suite/test_serving_correctness.py")
+
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert victim.read_bytes() == b"a file the run must not touch\n"
+    assert sorted(p.name for p in victim_dir.iterdir()) == ["model.onnx"]

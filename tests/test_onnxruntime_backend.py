@@ -76,3 +76,19 @@ def test_native_stderr_is_captured_and_passed_on(backend: ModuleType, capfd: pyt
         os.write(2, b"Failed to load library libexample.so\n")
     assert captured == ["Failed to load library libexample.so\n"]
     assert "Failed to load library libexample.so" in capfd.readouterr().err
+
+
+def test_the_backend_loads_only_a_plain_model_file_inside_the_model_folder(backend: ModuleType, tmp_path) -> None:
+    model_dir = tmp_path / "models" / "m"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "model.onnx").write_bytes(b"onnx")
+    victim = tmp_path / "victim.onnx"
+    victim.write_bytes(b"not yours")
+    (model_dir / "1" / "linked.onnx").symlink_to(victim)
+
+    assert backend.model_file_path(str(model_dir), "1", "model.onnx", "m") == str(model_dir / "1" / "model.onnx")
+    for filename in ("../../victim.onnx", str(victim), "..", ""):
+        with pytest.raises(backend.BackendConfigError, match=f"default_model_filename '{filename}' is not a plain"):
+            backend.model_file_path(str(model_dir), "1", filename, "m")
+    with pytest.raises(backend.BackendConfigError, match="outside the model's folder"):
+        backend.model_file_path(str(model_dir), "1", "linked.onnx", "m")

@@ -364,3 +364,123 @@ def test_a_gitkeep_is_not_a_model_file_the_variant_gets_the_export(tmp_path: Pat
     assert (staged.root / "kept" / "1" / "model.onnx").read_bytes() == b"our graph"
     assert (staged.root / "renamed" / "1" / "blip.onnx").read_bytes() == b"our graph"
     assert staged.notes == ()
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ('default_model_filename: "../../victim"', "default_model_filename is '../../victim'"),
+        ('default_model_filename: "/etc/victim"', "default_model_filename is '/etc/victim'"),
+        ('default_model_filename: ".."', "default_model_filename is '..'"),
+        ('cc_model_filenames { key: "9.0" value: "../model.plan" }', "cc_model_filenames['9.0'] is '../model.plan'"),
+        (
+            'parameters { key: "vision_encoder_model" value: { string_value: "../elsewhere" } }',
+            "parameters 'vision_encoder_model' is '../elsewhere'",
+        ),
+    ],
+)
+def test_a_name_that_leads_out_of_the_variant_folder_is_refused_naming_file_and_field(
+    tmp_path: Path, extra: str, field: str
+) -> None:
+    folder = write_variant(tmp_path, "hostile", extra)
+    with pytest.raises(ConfigError) as error:
+        load_variant(folder)
+    assert str(error.value).startswith(f"{folder / 'config.pbtxt'}: {field}; it must be one plain name")
+
+
+def test_an_ensemble_step_naming_a_path_is_refused(tmp_path: Path) -> None:
+    text = """
+name: "pipeline"
+platform: "ensemble"
+max_batch_size: 4
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling { step [ { model_name: "../../outside" model_version: -1 } ] }
+"""
+    folder = write_variant(tmp_path, "pipeline", text=text)
+    with pytest.raises(ConfigError, match=r"ensemble_scheduling.step\[0\].model_name is '../../outside'"):
+        load_variant(folder)
+
+
+def test_a_version_folder_or_file_linked_out_of_the_variant_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "1").mkdir(parents=True)
+    (outside / "1" / "model.onnx").write_bytes(b"secret")
+    repository = tmp_path / "repository"
+    linked_folder = write_variant(repository, "linked_folder")
+    (linked_folder / "1").symlink_to(outside / "1", target_is_directory=True)
+    linked_file = write_variant(repository, "linked_file")
+    (linked_file / "1").mkdir()
+    (linked_file / "1" / "model.onnx").symlink_to(outside / "1" / "model.onnx")
+
+    for folder in (linked_folder, linked_file):
+        with pytest.raises(ConfigError) as error:
+            load_variant(folder)
+        assert f"links to {outside.resolve() / '1'}" in str(error.value)
+        assert "copy the file or folder in instead of linking it" in str(error.value)
+
+
+def test_links_that_stay_inside_the_variant_folder_are_followed(tmp_path: Path) -> None:
+    folder = write_variant(tmp_path, "inside")
+    (folder / "2").mkdir()
+    (folder / "2" / "model.onnx").write_bytes(b"onnx")
+    (folder / "1").symlink_to(folder / "2", target_is_directory=True)
+    variant = load_variant(folder)
+    assert [p.relative_to(folder).as_posix() for p in variant.own_model_files] == ["1/model.onnx", "2/model.onnx"]
+
+
+def test_a_variant_folder_linked_out_of_the_repository_is_refused(tmp_path: Path) -> None:
+    elsewhere = write_variant(tmp_path / "elsewhere", "borrowed")
+    repository = tmp_path / "repository"
+    write_variant(repository, "own")
+    (repository / "borrowed").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ConfigError, match=r"borrowed links to .*, outside the model repository"):
+        discover_variants(repository)
+
+
+def test_staging_never_writes_outside_its_folder_nor_over_a_file(tmp_path: Path) -> None:
+    from blip_triton_bench.files import link_or_copy
+    from blip_triton_bench.repository import staged_path
+
+    target = tmp_path / "staged" / "variant"
+    config = tmp_path / "config.pbtxt"
+    assert staged_path(target, Path("1/model.onnx"), config) == target / "1" / "model.onnx"
+    for escaping in (Path("1/../../victim"), Path("/etc/victim")):
+        with pytest.raises(ConfigError, match=f"{config}: staging would write {escaping} outside {target}"):
+            staged_path(target, escaping, config)
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    source = tmp_path / "artifact"
+    source.write_bytes(b"model")
+    with pytest.raises(FileExistsError):
+        link_or_copy(source, victim)
+    assert victim.read_bytes() == b"keep me"
+
+
+def test_a_copy_where_no_link_can_be_made_never_replaces_a_file(tmp_path: Path, monkeypatch) -> None:
+    from blip_triton_bench import files
+
+    def cross_device(source, destination):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(files.os, "link", cross_device)
+    source = tmp_path / "artifact"
+    source.write_bytes(b"model")
+    files.link_or_copy(source, tmp_path / "copied")
+    assert (tmp_path / "copied").read_bytes() == b"model"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        files.link_or_copy(source, victim)
+    assert victim.read_bytes() == b"keep me"
+
+
+def test_a_generated_variant_with_a_path_for_a_name_is_refused(tmp_path: Path) -> None:
+    from tritonclient.grpc import model_config_pb2
+
+    for name, filename, field in (("../escape", "model.onnx", "name"), ("ok", "../../model.onnx", "default_model")):
+        config = model_config_pb2.ModelConfig(name=name)
+        with pytest.raises(ConfigError, match=f"generated variant '{re.escape(name)}': {field}"):
+            stage_generated(tmp_path, config, [], model_filename=filename)
+    assert list(tmp_path.iterdir()) == []

@@ -251,15 +251,33 @@ def _group_by_shape(requests: Sequence[Any], input_names: Sequence[str]) -> dict
     return groups
 
 
+def model_file_path(model_dir: str, version: str, filename: str, model_name: str) -> str:
+    """`<model_dir>/<version>/<filename>`, refused unless it is a plain name that stays inside the model's folder
+    once links are followed: a config under review must not make the server read a file from elsewhere."""
+    if not filename or filename in (".", "..") or os.path.basename(filename) != filename or "\\" in filename:
+        raise BackendConfigError(
+            f"model '{model_name}': default_model_filename '{filename}' is not a plain file name; name a file in "
+            f"the version folder, e.g. 'model.onnx'"
+        )
+    path = os.path.join(model_dir, version, filename)
+    real_dir = os.path.realpath(model_dir)
+    real_path = os.path.realpath(path)
+    if os.path.commonpath([real_dir, real_path]) != real_dir:
+        raise BackendConfigError(
+            f"model '{model_name}': {path} resolves to {real_path}, outside the model's folder {real_dir}; "
+            "put the model file itself there, not a link out of it"
+        )
+    return path
+
+
 class TritonPythonModel:
     """One ONNX Runtime session per model instance."""
 
     def initialize(self, args: dict[str, str]) -> None:
         self.config = json.loads(args["model_config"])
         self.name = self.config["name"]
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
         filename = self.config.get("default_model_filename") or "model.onnx"
-        model_path = os.path.join(version_dir, filename)
+        model_path = model_file_path(args["model_repository"], args["model_version"], filename, self.name)
         if not os.path.isfile(model_path):
             raise BackendConfigError(
                 f"model '{self.name}': no model file at {model_path}; put the ONNX file there "
