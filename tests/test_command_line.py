@@ -235,3 +235,22 @@ def test_a_repository_that_points_outside_itself_exits_4_and_leaves_the_victim_a
     assert "Traceback" not in result.stderr
     assert victim.read_bytes() == b"a file the run must not touch\n"
     assert sorted(p.name for p in victim_dir.iterdir()) == ["model.onnx"]
+
+
+def test_a_cache_on_a_full_disk_exits_1_naming_cache_dir_and_leaves_no_temp_folder(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("this host cannot mount a 64 KiB tmpfs (mount needs root): the disk-full path is not exercised")
+    try:
+        result = run_pytest(f"--cache-dir={small}", "--variant=base_model_cpu", "suite/test_serving_correctness.py")
+        left = sorted(p.relative_to(small).as_posix() for p in small.rglob("*"))
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+    assert result.returncode == pytest.ExitCode.TESTS_FAILED, result.stdout[-2000:] + result.stderr[-2000:]
+    said = result.stdout + result.stderr
+    assert f"into the cache at {small}/exports (No space left on device): free disk space" in said
+    assert "or pass --cache-dir a writable directory" in said
+    assert "Traceback" not in said
+    assert not [name for name in left if ".tmp-" in name], left

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 
 from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
 from blip_triton_bench.export import ExportError, export_model
+from blip_triton_bench.files import CacheWriteError
 from blip_triton_bench.model import LoadedModel, ModelSourceError, ModelSpec, describe_model, load_model
 from blip_triton_bench.workload import build_inputs
 
@@ -99,8 +104,64 @@ def test_old_opset_is_refused(tiny_model: LoadedModel, tmp_path: Path) -> None:
         export_model(tiny_model, tmp_path, opset=13)
 
 
-def test_corrupt_cache_metadata_is_reported_with_its_path(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    exported = export_model(tiny_model, tmp_path)
-    (exported.directory / "export.json").write_text("{not json")
-    with pytest.raises(ExportError, match=r"export\.json is unreadable .*delete .* and the next run exports again"):
-        export_model(tiny_model, tmp_path)
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the digest can tell
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        pytest.param(lambda d: cut_in_half(d / "model.onnx"), "model.onnx is .* bytes, recorded as", id="truncated"),
+        pytest.param(
+            lambda d: flip_one_byte(d / "model.onnx"), "model.onnx changed since it was recorded", id="edited"
+        ),
+        pytest.param(lambda d: (d / "model.onnx.data").unlink(), r"missing: \['model.onnx.data'\]", id="data-gone"),
+        pytest.param(lambda d: (d / "export.json").write_bytes(b"\xff{"), "export.json", id="metadata-not-utf8"),
+        pytest.param(lambda d: (d / ".contents.json").unlink(), "no .contents.json", id="no-record"),
+        pytest.param(
+            lambda d: (d / ".contents.json").write_text("[1]"), ".contents.json is unreadable", id="bad-record"
+        ),
+    ],
+)
+def test_a_damaged_cache_entry_is_exported_again_and_the_log_says_why(
+    tiny_model: LoadedModel,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[Path], object],
+    reason: str,
+) -> None:
+    first = export_model(tiny_model, tmp_path, external_data_threshold_bytes=0)
+    expected = run_onnx(first.onnx_path, tiny_model)
+    damage(first.directory)
+
+    with caplog.at_level(logging.WARNING):
+        again = export_model(tiny_model, tmp_path, external_data_threshold_bytes=0)
+
+    assert not again.from_cache
+    assert re.search(reason, caplog.text), caplog.text
+    np.testing.assert_array_equal(run_onnx(again.onnx_path, tiny_model), expected)
+    assert export_model(tiny_model, tmp_path, external_data_threshold_bytes=0).from_cache  # whole again
+    assert not list((tmp_path / "exports").glob(".tmp-*"))
+
+
+def test_a_full_cache_filesystem_names_the_folder_and_cache_dir_and_leaves_nothing(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]
+    if subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("this host cannot mount a 64 KiB tmpfs (mount needs root): the disk-full path is not exercised")
+    try:
+        with pytest.raises(CacheWriteError, match=r"cannot write .* into the cache at .*small/exports .*--cache-dir"):
+            export_model(tiny_model, small)
+        assert not list((small / "exports").glob(".tmp-*"))
+        assert not [p for p in (small / "exports").iterdir() if not p.name.endswith(".lock")]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.files import produce_directory
+from blip_triton_bench.files import CONTENTS_FILENAME, contents_problem, produce_directory, record_contents
 
 pytestmark = pytest.mark.unit
 
@@ -35,8 +35,55 @@ def test_an_incomplete_entry_is_produced_again_and_the_log_says_so(
 
     assert (entry / "model.onnx").read_bytes() == b"graph"
     assert has_model(entry)
-    assert f"{entry} is incomplete; removing it and producing it again" in caplog.text
+    assert f"{entry}: no .contents.json (written by an older version, or the entry was cut short); removing it" in (
+        caplog.text
+    )
     assert sorted(p.name for p in entry.parent.iterdir()) == [".tiny-abc.lock", "tiny-abc"]  # no temp dir left
+
+
+def test_contents_are_recorded_and_every_kind_of_damage_is_named(tmp_path: Path) -> None:
+    entry = tmp_path / "entry"
+    (entry / "sub").mkdir(parents=True)
+    (entry / "model.onnx").write_bytes(b"graph bytes")
+    (entry / "sub" / "weights.bin").write_bytes(b"\x00" * 1000)
+    record_contents(entry)
+    assert contents_problem(entry) is None
+
+    (entry / "sub" / "weights.bin").write_bytes(b"\x00" * 999 + b"\x01")
+    assert contents_problem(entry) == "sub/weights.bin changed since it was recorded (SHA-256 differs)"
+    (entry / "sub" / "weights.bin").write_bytes(b"\x00" * 500)
+    assert contents_problem(entry) == "sub/weights.bin is 500 bytes, recorded as 1000"
+    (entry / "sub" / "weights.bin").unlink()
+    (entry / "extra.txt").write_text("x")
+    assert contents_problem(entry) == (
+        "files differ from the record (missing: ['sub/weights.bin']; not recorded: ['extra.txt'])"
+    )
+    (entry / CONTENTS_FILENAME).write_bytes(b"\xff")
+    assert contents_problem(entry).startswith(f"{CONTENTS_FILENAME} is unreadable (")
+    (entry / CONTENTS_FILENAME).unlink()
+    assert contents_problem(entry).startswith(f"no {CONTENTS_FILENAME}")
+
+
+def test_an_entry_whose_contents_changed_is_produced_again_under_the_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = tmp_path / "exports" / "tiny-abc"
+    calls: list[Path] = []
+
+    def produce(work_dir: Path) -> None:
+        calls.append(work_dir)
+        (work_dir / "model.onnx").write_bytes(b"graph")
+        (work_dir / "export.json").write_text("{}")
+
+    assert produce_directory(entry, "abc", produce, has_model)
+    assert not produce_directory(entry, "abc", produce, has_model)  # whole: reused
+    (entry / "model.onnx").write_bytes(b"gra")  # cut short
+    with caplog.at_level(logging.WARNING, logger="blip_triton_bench.files"):
+        assert produce_directory(entry, "abc", produce, has_model)
+
+    assert len(calls) == 2
+    assert (entry / "model.onnx").read_bytes() == b"graph"
+    assert "model.onnx is 3 bytes, recorded as 5; removing it and producing it again" in caplog.text
 
 
 def blocked_lock_requests(path: Path) -> int:

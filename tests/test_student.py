@@ -4,6 +4,7 @@ checkpoint that loads like a user's."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,23 @@ def test_more_steps_or_another_seed_is_another_student(tiny_model: LoadedModel, 
     baseline = build_student(tiny_model, checkpoint_dir, steps=3)
     assert build_student(tiny_model, checkpoint_dir, steps=4).directory != baseline.directory
     assert build_student(tiny_model, checkpoint_dir, steps=3, seed=1).directory != baseline.directory
+
+
+@pytest.mark.parametrize("damage", ["weights-cut-short", "metadata-not-utf8"])
+def test_a_damaged_cached_student_is_distilled_again(
+    tiny_model: LoadedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    first = build_student(tiny_model, tmp_path, steps=1)
+    if damage == "weights-cut-short":
+        (weights,) = first.directory.glob("*.safetensors")
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (first.directory / "distillation.json").write_bytes(b"\xff{")
+
+    with caplog.at_level(logging.WARNING):
+        again = build_student(tiny_model, tmp_path, steps=1)
+
+    assert not again.from_cache
+    assert f"cached student {first.directory} is not used" in caplog.text
+    assert load_model(ModelSpec(str(again.directory))).parameter_count < tiny_model.parameter_count
+    assert build_student(tiny_model, tmp_path, steps=1).from_cache
