@@ -20,6 +20,9 @@ from typing import Any, Protocol
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
+#: What a restricted API wants beside the request (servers.base.RunKey.headers_for); None for an open server.
+Headers = Mapping[str, str] | None
+
 logger = logging.getLogger(__name__)
 
 NONE, SYSTEM, CUDA = "none", "system", "cuda"
@@ -190,11 +193,11 @@ class SharedMemoryKind(Protocol):
 
     def destroy(self, handle: Any) -> None: ...
 
-    async def register(self, client: Any, name: str, handle: Any, byte_size: int) -> None: ...
+    async def register(self, client: Any, name: str, handle: Any, byte_size: int, headers: Headers = None) -> None: ...
 
-    async def unregister(self, client: Any, name: str) -> None: ...
+    async def unregister(self, client: Any, name: str, headers: Headers = None) -> None: ...
 
-    async def registered_names(self, client: Any) -> list[str]: ...
+    async def registered_names(self, client: Any, headers: Headers = None) -> list[str]: ...
 
 
 def _status_names(status: Any) -> list[str]:
@@ -235,16 +238,16 @@ class SystemSharedMemory:
     def destroy(self, handle: Any) -> None:
         self._shm.destroy_shared_memory_region(handle)
 
-    async def register(self, client: Any, name: str, handle: Any, byte_size: int) -> None:
-        await client.register_system_shared_memory(name, self.key(name), byte_size)
+    async def register(self, client: Any, name: str, handle: Any, byte_size: int, headers: Headers = None) -> None:
+        await client.register_system_shared_memory(name, self.key(name), byte_size, headers=headers)
 
-    async def unregister(self, client: Any, name: str) -> None:
-        await client.unregister_system_shared_memory(name)
+    async def unregister(self, client: Any, name: str, headers: Headers = None) -> None:
+        await client.unregister_system_shared_memory(name, headers=headers)
 
-    async def registered_names(self, client: Any) -> list[str]:
+    async def registered_names(self, client: Any, headers: Headers = None) -> list[str]:
         if _is_grpc(client):
-            return _status_names(await client.get_system_shared_memory_status(as_json=True))
-        return _status_names(await client.get_system_shared_memory_status())
+            return _status_names(await client.get_system_shared_memory_status(headers=headers, as_json=True))
+        return _status_names(await client.get_system_shared_memory_status(headers=headers))
 
 
 class CudaSharedMemory:
@@ -273,16 +276,17 @@ class CudaSharedMemory:
     def destroy(self, handle: Any) -> None:
         self._shm.destroy_shared_memory_region(handle)
 
-    async def register(self, client: Any, name: str, handle: Any, byte_size: int) -> None:
-        await client.register_cuda_shared_memory(name, self._shm.get_raw_handle(handle), self.device_id, byte_size)
+    async def register(self, client: Any, name: str, handle: Any, byte_size: int, headers: Headers = None) -> None:
+        raw = self._shm.get_raw_handle(handle)
+        await client.register_cuda_shared_memory(name, raw, self.device_id, byte_size, headers=headers)
 
-    async def unregister(self, client: Any, name: str) -> None:
-        await client.unregister_cuda_shared_memory(name)
+    async def unregister(self, client: Any, name: str, headers: Headers = None) -> None:
+        await client.unregister_cuda_shared_memory(name, headers=headers)
 
-    async def registered_names(self, client: Any) -> list[str]:
+    async def registered_names(self, client: Any, headers: Headers = None) -> list[str]:
         if _is_grpc(client):
-            return _status_names(await client.get_cuda_shared_memory_status(as_json=True))
-        return _status_names(await client.get_cuda_shared_memory_status())
+            return _status_names(await client.get_cuda_shared_memory_status(headers=headers, as_json=True))
+        return _status_names(await client.get_cuda_shared_memory_status(headers=headers))
 
 
 def shared_memory_kind(mode: str) -> SharedMemoryKind | None:
@@ -303,10 +307,18 @@ class LevelRegions:
     """The registered regions of one level. Output slots are handed out and returned; a missing slot is
     created (and registered) on demand, which only an open loop whose in-flight count keeps growing needs."""
 
-    def __init__(self, kind: SharedMemoryKind, client: Any, plan: RegionPlan, stack: contextlib.AsyncExitStack):
+    def __init__(
+        self,
+        kind: SharedMemoryKind,
+        client: Any,
+        plan: RegionPlan,
+        stack: contextlib.AsyncExitStack,
+        headers: Headers = None,
+    ):
         self.kind = kind
         self.plan = plan
         self._client = client
+        self._headers = headers
         self._stack = stack
         self._handles: dict[str, Any] = {}
         self._free: list[int] = []
@@ -317,14 +329,14 @@ class LevelRegions:
         self._stack.callback(self.kind.destroy, handle)  # LIFO: unregistered on the server first, then destroyed
         if fill is not None:
             fill(handle)
-        await self.kind.register(self._client, name, handle, byte_size)
+        await self.kind.register(self._client, name, handle, byte_size, self._headers)
         self._stack.push_async_callback(self._unregister, name)
         self._handles[name] = handle
         return handle
 
     async def _unregister(self, name: str) -> None:
         try:
-            await self.kind.unregister(self._client, name)
+            await self.kind.unregister(self._client, name, self._headers)
         except InferenceServerException as error:  # keep releasing the others; the region is destroyed anyway
             logger.warning("could not unregister shared-memory region %s: %s", name, error)
 
@@ -353,22 +365,38 @@ class LevelRegions:
         return list(self._handles)
 
 
+def shared_memory_refusal(mode: str, tag: str, said: str) -> str:
+    """Why the server would not take a level's regions, and the fix: a restricted API wants a key the run does not
+    have; anything else means the server does not share this host's memory."""
+    if "restricted" in said:
+        return (
+            f"--shared-memory {mode}: the server restricts its shared-memory API ({said}). The suite sends its "
+            "run's key only to servers it started; against another server use --shared-memory none"
+        )
+    return (
+        f"--shared-memory {mode}: the server could not use region {tag}: {said}. The server must share this "
+        "host's memory: run it with --server local, or in a container started with --ipc=host"
+    )
+
+
 @contextlib.asynccontextmanager
 async def level_regions(
-    kind: SharedMemoryKind, client: Any, plan: RegionPlan, inputs: Mapping[str, np.ndarray], slots: int
+    kind: SharedMemoryKind,
+    client: Any,
+    plan: RegionPlan,
+    inputs: Mapping[str, np.ndarray],
+    slots: int,
+    headers: Headers = None,
 ) -> AsyncIterator[LevelRegions]:
-    """Create, fill and register the input region and `slots` output regions; always release them all on exit."""
+    """Create, fill and register the input region and `slots` output regions; always release them all on exit.
+    `headers` carry the run's key to a server whose shared-memory API is restricted (servers.base.RunKey)."""
     async with contextlib.AsyncExitStack() as stack:
-        regions = LevelRegions(kind, client, plan, stack)
+        regions = LevelRegions(kind, client, plan, stack, headers)
         try:
             await regions._region(
                 plan.input_region, plan.input_byte_size, lambda handle: kind.write(handle, list(inputs.values()))
             )
             await regions.add_slots(slots)
         except InferenceServerException as error:
-            raise SharedMemoryError(
-                f"--shared-memory {kind.mode}: the server could not use region {plan.tag}: {error.message()}. The "
-                "server must share this host's memory: run it with --server local, or in a container started with "
-                "--ipc=host"
-            ) from None
+            raise SharedMemoryError(shared_memory_refusal(kind.mode, plan.tag, error.message() or "")) from None
         yield regions

@@ -91,7 +91,7 @@ def test_batching_and_instance_sweep(
             inputs,
             check_outputs,
             concurrency_levels(bench_options.sweep_concurrency),
-            PerfSettings.from_options(bench_options).load,
+            PerfSettings.from_options(bench_options, triton_server.restricted_api_headers()).load,
             bench_session.model_loads.__setitem__,
             load_workers,
         )

@@ -1,7 +1,7 @@
 """A local Triton whose model-repository API is open to anyone, as on a server someone started by hand, and what
 shows that a run loaded or unloaded a model there: the repository index and Triton's model-control log lines.
 
-The local provider locks model control with a per-session key, so against its servers a check that "the suite loaded
+The local provider locks model control with a per-run key, so against its servers a check that "the suite loaded
 nothing" could never fail: a load without the key is refused before Triton logs or changes anything.
 """
 
@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 import tritonclient.http as triton_http
 
-from blip_triton_bench.servers.base import ModelControlKey
+from blip_triton_bench.servers.base import RunKey
 from blip_triton_bench.servers.local import LocalServer
 
 #: The Triton sources whose log lines say a model was loaded, unloaded, or asked for and not found.
 MODEL_CONTROL_SOURCES = ("model_lifecycle.cc", "model_repository_manager.cc")
 
 
-class OpenModelControl(ModelControlKey):
-    """A key the server is never started with: LocalProvider(..., model_control=OpenModelControl("unused")) starts
+class OpenModelControl(RunKey):
+    """A key the server is never started with: LocalProvider(..., run_key=OpenModelControl("unused")) starts
     a server whose model-repository API needs no key, so a load or unload by anyone succeeds and shows."""
 
     def server_args(self) -> list[str]:

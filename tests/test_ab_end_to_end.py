@@ -182,7 +182,7 @@ def reference_server(tmp_path: Path):
     exported = export_model(load_model(ModelSpec("tiny")), default_cache_dir())
     seed = [variant for variant in discover_variants(SEED_REPOSITORY) if variant.name == "base_model_cpu"]
     staged = stage_repository(seed, lambda _variant: exported.artifact_files, tmp_path / "reference-repo")
-    provider = LocalProvider(tmp_path / "reference-server", model_control=OpenModelControl("unused"))
+    provider = LocalProvider(tmp_path / "reference-server", run_key=OpenModelControl("unused"))
     with provider.start(staged.root) as server:
         server.load_model("base_model_cpu")
         yield server

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import docker
@@ -18,6 +19,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from onnx import TensorProto, helper, numpy_helper
+from tritonclient.utils import InferenceServerException
 
 from blip_triton_bench.correctness import TOLERANCES, assert_close
 from blip_triton_bench.image import CONTENT_HASH_LABEL, BuiltImage, ImageBuildError, ensure_image
@@ -277,5 +279,14 @@ def test_system_shared_memory_reaches_a_container_that_shares_host_ipc(
     with provider.start(repository) as server:
         assert docker_client.containers.get(server.container_id).attrs["HostConfig"]["IpcMode"] == "host"
         server.load_model(name)
-        level = measure_level(server.endpoints.grpc_url, name, inputs, LoadLevel(CONCURRENCY, 1), settings)
+        with contextlib.closing(triton_http.InferenceServerClient(server.endpoints.http_url)) as stranger:
+            for refused in (
+                lambda: stranger.register_system_shared_memory("intruder", "/intruder", 64),
+                lambda: stranger.update_log_settings({"log_verbose_level": 1}),
+                lambda: stranger.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
+            ):
+                with pytest.raises(InferenceServerException, match="restricted, expecting header"):
+                    refused()
+        keyed = replace(settings, restricted_api_headers=server.restricted_api_headers())
+        level = measure_level(server.endpoints.grpc_url, name, inputs, LoadLevel(CONCURRENCY, 1), keyed)
     assert sum(len(window.latencies_ms) for window in level.windows) > 0 and level.summary.errors == 0

@@ -114,7 +114,7 @@ def running_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSe
         lambda _v: exported.artifact_files,
         tmp_path_factory.mktemp("repo"),
     )
-    provider = LocalProvider(tmp_path_factory.mktemp("server"), model_control=OpenModelControl("unused"))
+    provider = LocalProvider(tmp_path_factory.mktemp("server"), run_key=OpenModelControl("unused"))
     with provider.start(staged.root) as server:
         server.load_model("base_model_cpu")
         yield server

@@ -9,9 +9,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -238,7 +239,7 @@ def test_a_server_that_never_becomes_ready_times_out_with_its_log_and_is_stopped
 
 
 def test_model_control_needs_the_sessions_key_and_the_suite_sends_it(server: LocalServer) -> None:
-    assert server.model_control is not None
+    assert server.run_key is not None
     for client in (
         triton_http.InferenceServerClient(server.endpoints.http_url),
         triton_grpc.InferenceServerClient(server.endpoints.grpc_url),
@@ -246,10 +247,45 @@ def test_model_control_needs_the_sessions_key_and_the_suite_sends_it(server: Loc
         with pytest.raises(InferenceServerException, match="restricted, expecting header"):
             client.load_model("doubler")  # anything else reaching the port: no key
         with pytest.raises(InferenceServerException, match="restricted, expecting header"):
-            client.unload_model("doubler", headers={server.model_control.header: "guessed"})
+            client.unload_model("doubler", headers={server.run_key.header: "guessed"})
         assert client.is_server_live()  # health, metadata and inference stay open for the load generator
         client.close()
     server.unload_model("doubler")
     assert not server.is_model_ready("doubler")
     assert server.load_model("doubler").load_s > 0  # the suite's own calls carry the key
     assert server.is_model_ready("doubler")
+
+
+def restricted_calls(client: Any) -> dict[str, Callable[[dict[str, str] | None], object]]:
+    """One call to each API the run's key guards besides model control, with the headers given."""
+    return {
+        "register shared memory": lambda headers: client.register_system_shared_memory(
+            "intruder", "/intruder", 64, headers=headers
+        ),
+        "shared-memory status": lambda headers: client.get_system_shared_memory_status(headers=headers),
+        "log settings": lambda headers: client.update_log_settings({"log_verbose_level": 1}, headers=headers),
+        "trace settings": lambda headers: client.update_trace_settings(
+            settings={"trace_level": ["TIMESTAMPS"]}, headers=headers
+        ),
+    }
+
+
+def test_shared_memory_logging_and_trace_need_the_runs_key_too(server: LocalServer) -> None:
+    """Another program on the host that reaches the ports cannot map its memory into the run, read the run's
+    tensors through a region of its own, or turn on verbose logging or tracing mid-measurement."""
+    assert server.run_key is not None
+    for protocol, client in (
+        ("http", triton_http.InferenceServerClient(server.endpoints.http_url)),
+        ("grpc", triton_grpc.InferenceServerClient(server.endpoints.grpc_url)),
+    ):
+        for name, call in restricted_calls(client).items():
+            for headers in (None, {server.run_key.header: "guessed"}):
+                with pytest.raises(InferenceServerException, match="restricted, expecting header"):
+                    call(headers)
+                    pytest.fail(f"{protocol} {name} went through with {headers}")
+        keyed = server.run_key.headers_for(protocol)
+        client.get_system_shared_memory_status(headers=keyed)  # the run's own calls go through
+        client.get_log_settings(headers=keyed)
+        client.get_trace_settings(headers=keyed)
+        assert client.is_server_live() and client.is_model_ready("doubler")  # health and metadata stay open
+        client.close()

@@ -35,6 +35,8 @@ def test_measurement_and_sweep_options_shape_what_is_measured(tmp_path: Path) ->
         "--request-rate", str(REQUEST_RATE), "--request-distribution", "poisson",
         "--sweep-variant", "base_model_cpu", "--sweep-grid", "instance_count=1", "--sweep-grid", "max_batch_size=1",
         "--sweep-concurrency", "2", "--caption-repeats", "2", "--update-baselines",
+        # the server restricts shared-memory registration to the run's key: every level must still send it
+        "--shared-memory", "system",
         "suite/test_serving_correctness.py", "suite/test_perf.py", "suite/test_batching_sweep.py",
         "suite/test_caption_latency.py",
     )  # fmt: skip

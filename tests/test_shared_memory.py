@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,13 +171,19 @@ def _url(server: LocalServer, protocol: str) -> str:
     return server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url
 
 
+def keyed(settings: LoadSettings, server: LocalServer) -> LoadSettings:
+    """`settings` with the run's key, as the suite's perf run sends it to the server it started."""
+    return replace(settings, restricted_api_headers=server.restricted_api_headers())
+
+
 async def _one_output(url: str, protocol: str, model: str, settings: LoadSettings) -> tuple[np.ndarray, list[str]]:
     """One request's logits, and the regions of its level the server held while the level was open."""
-    settings = LoadSettings(protocol=protocol, shared_memory=settings.shared_memory)
+    settings = replace(settings, protocol=protocol)
     async with open_inferer(url, model, blip_inputs(), settings, slots=2) as inferer:
         logits = await inferer.infer_output()
         kind = shared_memory_kind(settings.shared_memory)
-        held = await kind.registered_names(inferer.client) if kind is not None else []
+        headers = settings.headers_for_restricted_apis()
+        held = await kind.registered_names(inferer.client, headers) if kind is not None else []
         tag = inferer._regions.plan.tag if kind is not None else ""
     return logits, [name for name in held if name.startswith(f"{tag}-")]
 
@@ -186,7 +193,8 @@ def ours_left_behind(server: LocalServer) -> tuple[list[str], list[str]]:
     mine = level_tag(token="")
     client = triton_http.InferenceServerClient(server.endpoints.http_url)
     try:
-        registered = [region["name"] for region in client.get_system_shared_memory_status()]
+        status = client.get_system_shared_memory_status(headers=server.run_key.http_headers())
+        registered = [region["name"] for region in status]
     finally:
         client.close()
     files = [path.name for path in SYSTEM_SHM_DIR.glob(f"{mine}*")]
@@ -201,13 +209,13 @@ def test_system_shared_memory_returns_the_same_logits_and_leaves_nothing(
     running, model = server
     url = _url(running, protocol)
     inline, held_inline = asyncio.run(_one_output(url, protocol, model, LoadSettings()))
-    shared, held = asyncio.run(_one_output(url, protocol, model, SYSTEM))
+    shared, held = asyncio.run(_one_output(url, protocol, model, keyed(SYSTEM, running)))
     assert held_inline == []
     assert len([name for name in held if name.startswith(REGION_PREFIX)]) == 3  # inputs + 2 output slots
     assert inline.shape == (1, SEQUENCE, VOCAB) and np.abs(inline).max() > 0  # a fresh region reads as zeros
     np.testing.assert_array_equal(shared, inline)
 
-    settings = LoadSettings(**{**SYSTEM.__dict__, "protocol": protocol})
+    settings = replace(keyed(SYSTEM, running), protocol=protocol)
     level = measure_level(url, model, blip_inputs(), LoadLevel(CONCURRENCY, 2), settings)
     completed = sum(len(window.latencies_ms) for window in level.windows)
     assert completed > 0 and level.summary.errors == 0
@@ -218,7 +226,9 @@ def test_system_shared_memory_returns_the_same_logits_and_leaves_nothing(
 @pytest.mark.server
 def test_open_loop_adds_output_slots_and_releases_them(server: tuple[LocalServer, str]) -> None:
     running, model = server
-    level = measure_level(running.endpoints.grpc_url, model, blip_inputs(), LoadLevel(REQUEST_RATE, 4), SYSTEM)
+    level = measure_level(
+        running.endpoints.grpc_url, model, blip_inputs(), LoadLevel(REQUEST_RATE, 4), keyed(SYSTEM, running)
+    )
     assert sum(len(window.latencies_ms) for window in level.windows) > 0 and level.summary.errors == 0
     assert ours_left_behind(running) == ([], [])
 
@@ -228,7 +238,9 @@ def test_a_level_that_fails_still_releases_its_regions(server: tuple[LocalServer
     running, model = server
 
     async def fail_mid_level() -> None:
-        async with open_inferer(running.endpoints.grpc_url, model, blip_inputs(), SYSTEM, slots=3) as inferer:
+        async with open_inferer(
+            running.endpoints.grpc_url, model, blip_inputs(), keyed(SYSTEM, running), slots=3
+        ) as inferer:
             await inferer.infer()
             raise RuntimeError("the level broke")
 
@@ -261,7 +273,9 @@ def test_a_level_left_with_a_request_in_flight_leaves_no_region(server: tuple[Lo
     running.load_model(SLOW_MODEL)
 
     async def leave_with_a_request_in_flight() -> None:
-        async with open_inferer(running.endpoints.grpc_url, SLOW_MODEL, blip_inputs(), SYSTEM, slots=1) as inferer:
+        async with open_inferer(
+            running.endpoints.grpc_url, SLOW_MODEL, blip_inputs(), keyed(SYSTEM, running), slots=1
+        ) as inferer:
             request = asyncio.create_task(inferer.infer())
             await asyncio.sleep(SLOW_S / 3)  # the server is executing it, its output region held
             request.cancel()  # the client stops waiting; the server does not
@@ -280,7 +294,9 @@ def test_requests_that_find_no_free_output_slot_at_once_each_get_one_of_their_ow
     running, model = server
 
     async def three_at_once() -> tuple[list[np.ndarray], list[str], list[str]]:
-        async with open_inferer(running.endpoints.grpc_url, model, blip_inputs(), SYSTEM, slots=0) as inferer:
+        async with open_inferer(
+            running.endpoints.grpc_url, model, blip_inputs(), keyed(SYSTEM, running), slots=0
+        ) as inferer:
             outputs = await asyncio.gather(*(inferer.infer_output() for _ in range(3)))
             plan = inferer._regions.plan
             expected = [plan.input_region, *(plan.output_region(slot) for slot in range(3))]
@@ -290,4 +306,12 @@ def test_requests_that_find_no_free_output_slot_at_once_each_get_one_of_their_ow
     assert names == expected
     for output in outputs[1:]:
         np.testing.assert_array_equal(output, outputs[0])
+    assert ours_left_behind(running) == ([], [])
+
+
+@pytest.mark.server
+def test_a_level_without_the_runs_key_is_refused_naming_the_restriction(server: tuple[LocalServer, str]) -> None:
+    running, model = server
+    with pytest.raises(SharedMemoryError, match=r"the server restricts its shared-memory API .*--shared-memory none"):
+        measure_level(running.endpoints.grpc_url, model, blip_inputs(), LoadLevel(CONCURRENCY, 1), SYSTEM)
     assert ours_left_behind(running) == ([], [])

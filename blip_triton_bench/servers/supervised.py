@@ -76,7 +76,7 @@ class SupervisedServer(RunningServer):
     def _adopt(self, server: RunningServer) -> None:
         self._current = server
         self.provider_name = server.provider_name
-        self.model_control = server.model_control
+        self.run_key = server.run_key
         self.loads_models = server.loads_models
 
     @property
