@@ -16,14 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blip_triton_bench.files import host_tag
+
 SYSTEM_SHM_DIR = Path("/dev/shm")  # where POSIX shm_open names appear as files on Linux
 
 #: /dev/shm names the suite creates: its own regions (`blip-bench-<pid>-<token>-...`, shared_memory.level_tag) and
 #: the Python backend's of a local server, whose prefix the provider sets to `blip-bench-<pid>-triton-` (Triton's
 #: default, `triton_python_backend_shm_region_<uuid>`, says nothing about who made it).
 SHM_NAME = re.compile(r"blip-bench-(?P<pid>\d+)-.+")
-#: produce_directory's work folders: `.tmp-<key>-pid<pid>-<mkdtemp's random suffix>` beside the cache entry.
-TEMP_DIR_NAME = re.compile(r"\.tmp-.+-pid(?P<pid>\d+)-[a-z0-9_]+")
+#: produce_directory's work folders: `.tmp-<key>@<host>-pid<pid>-<mkdtemp's random suffix>` beside the cache entry
+#: (files.work_dir_prefix). The host matters on a cache shared between machines: a pid means nothing elsewhere.
+TEMP_DIR_NAME = re.compile(r"\.tmp-.+@(?P<host>[^@/]+)-pid(?P<pid>\d+)-[a-z0-9_]+")
 #: Container labels (servers/container.py sets them): who started it, on which host; a pid means nothing elsewhere.
 OWNER_PID_LABEL = "blip-triton-bench.owner-pid"
 OWNER_HOST_LABEL = "blip-triton-bench.owner-host"
@@ -56,11 +59,15 @@ def stale_shm_names(names: Iterable[str], live_pids: Collection[int]) -> list[st
     return sorted(name for name in names if (pid := _owner_pid(SHM_NAME, name)) is not None and pid not in live_pids)
 
 
-def stale_temp_dirs(names: Iterable[str], live_pids: Collection[int]) -> list[str]:
-    """produce_directory work folders (by name) whose producing process is not in `live_pids`."""
-    return sorted(
-        name for name in names if (pid := _owner_pid(TEMP_DIR_NAME, name)) is not None and pid not in live_pids
-    )
+def stale_temp_dirs(names: Iterable[str], live_pids: Collection[int], host: str) -> list[str]:
+    """produce_directory work folders (by name) made on `host` by a process not in `live_pids`. One made on another
+    host sharing the cache, or named by an older suite (no host), cannot be judged from here and is kept."""
+    stale = []
+    for name in names:
+        match = TEMP_DIR_NAME.fullmatch(name)
+        if match and match["host"] == host and int(match["pid"]) not in live_pids:
+            stale.append(name)
+    return sorted(stale)
 
 
 def stale_containers(containers: Iterable[ContainerInfo], host: str, live_pids: Collection[int]) -> list[str]:
@@ -133,12 +140,12 @@ def remove_stale_stubs() -> list[str]:
     return lines
 
 
-def remove_stale_temp_dirs(cache_dir: Path) -> list[str]:
-    """Work folders directly under the cache's subfolders (exports/, students/, stub-envs/), where
+def remove_stale_temp_dirs(cache_dir: Path, host: str) -> list[str]:
+    """This host's work folders directly under the cache's subfolders (exports/, students/, stub-envs/), where
     produce_directory puts them beside the entry it produces."""
     candidates = [path for path in cache_dir.glob("*/.tmp-*") if path.is_dir()] if cache_dir.is_dir() else []
     names = [path.name for path in candidates]
-    stale = set(stale_temp_dirs(names, live_among(owner_pids(TEMP_DIR_NAME, names))))
+    stale = set(stale_temp_dirs(names, live_among(owner_pids(TEMP_DIR_NAME, names)), host))
     lines = []
     for path in candidates:
         if path.name in stale:
@@ -193,5 +200,5 @@ def remove_session_leftovers(cache_dir: Path, server_kind: str) -> list[str]:
 def remove_leftovers(shm_dir: Path, cache_dir: Path, docker_client: Any | None, host: str) -> list[str]:
     """Containers first: one sharing the host's IPC namespace holds /dev/shm regions until it is gone."""
     lines = remove_stale_containers(docker_client, host) if docker_client is not None else []
-    lines += remove_stale_stubs() + remove_stale_shm(shm_dir) + remove_stale_temp_dirs(cache_dir)
+    lines += remove_stale_stubs() + remove_stale_shm(shm_dir) + remove_stale_temp_dirs(cache_dir, host_tag(host))
     return lines  # the session prints them in its header

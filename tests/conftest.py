@@ -6,6 +6,9 @@ Each is built once and handed out; a test that changes what it got copies it fir
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,18 @@ from blip_triton_bench.repository import StagedRepository
 
 #: The seed repository: every variant the project ships.
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each test process's suite runs share a measurement lock of their own (measure_lock.LOCK_FILE_ENV): tests run
+    suites side by side on purpose, and must neither wait on each other nor on a real run of the suite on this host.
+    Tests of the lock itself name their file with --measure-lock-file."""
+    from blip_triton_bench.measure_lock import LOCK_FILE_ENV
+
+    # Always a new one: an xdist worker inherits the controller's environment, and must not share its lock.
+    folder = Path(tempfile.mkdtemp(prefix="blip-bench-test-lock-"))
+    os.environ[LOCK_FILE_ENV] = str(folder / "measure.lock")
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from blip_triton_bench.baselines import (
     BaselineStore,
     Fingerprint,
     cpu_features_mismatch,
+    lock_path,
     record_command,
 )
 
@@ -120,7 +123,7 @@ def test_save_lays_files_out_by_fingerprint_model_and_variant(tmp_path: Path, fi
     lines = store.save(recorded)
     expected = tmp_path / f"16cpu-0gpu-local-grpc-{fingerprint.key()}" / "Salesforce--blip-image-captioning-base"
     assert store.path_for(fingerprint, MODEL_ID, VARIANT) == expected / "base_model_cpu.json"
-    assert sorted(os.listdir(expected)) == ["base_model_cpu.json"]  # no temp file left behind
+    assert sorted(os.listdir(expected)) == [".base_model_cpu.json.lock", "base_model_cpu.json"]  # no temp file
     assert store.load(fingerprint, MODEL_ID, VARIANT) == recorded
     assert lines == [
         "concurrency=1 throughput_infer_per_s: 24.30 (new)",
@@ -179,7 +182,7 @@ def test_corrupt_file_is_named_and_left_untouched(tmp_path: Path, fingerprint: F
     with pytest.raises(BaselineError, match="left as it is"):
         store.save(baseline(fingerprint, {"concurrency=1": {"throughput_infer_per_s": 24.3}}))
     assert snapshot(path) == before
-    assert sorted(os.listdir(path.parent)) == [path.name]
+    assert sorted(os.listdir(path.parent)) == [lock_path(path).name, path.name]
 
     lines = store.save(
         baseline(fingerprint, {"concurrency=1": {"throughput_infer_per_s": 24.3}}), overwrite_corrupt=True
@@ -281,7 +284,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(
     with pytest.raises(OSError, match="disk full"):
         store.save(baseline(fingerprint, {"startup": {"cold_start_s": 5.0}}))
     assert snapshot(path) == before
-    assert sorted(os.listdir(path.parent)) == [path.name]
+    assert sorted(os.listdir(path.parent)) == [lock_path(path).name, path.name]
 
 
 def test_a_non_finite_measurement_is_not_saved(tmp_path: Path, fingerprint: Fingerprint) -> None:
@@ -338,7 +341,7 @@ def test_overwriting_keeps_the_previous_file_as_bak(tmp_path: Path, fingerprint:
     backup = path.with_name("base_model_cpu.json.bak")
     assert backup.read_bytes() == second != first  # the file as it was before the latest save
     assert [run["metrics"] for run in json.loads(path.read_bytes())["levels"]["startup"]] == [{"cold_start_s": 4.0}]
-    assert sorted(os.listdir(path.parent)) == ["base_model_cpu.json", "base_model_cpu.json.bak"]
+    assert sorted(os.listdir(path.parent)) == [lock_path(path).name, "base_model_cpu.json", "base_model_cpu.json.bak"]
 
 
 def test_a_write_that_fails_after_the_backup_leaves_the_previous_file_and_its_backup(
@@ -360,7 +363,11 @@ def test_a_write_that_fails_after_the_backup_leaves_the_previous_file_and_its_ba
         store.save(baseline(fingerprint, {"startup": {"cold_start_s": 5.0}}))
     assert snapshot(path) == before
     assert path.with_name("base_model_cpu.json.bak").read_bytes() == before[0]
-    assert sorted(os.listdir(path.parent)) == ["base_model_cpu.json", "base_model_cpu.json.bak"]  # no temp file
+    assert sorted(os.listdir(path.parent)) == [
+        lock_path(path).name,
+        "base_model_cpu.json",
+        "base_model_cpu.json.bak",
+    ]  # no temp file
 
 
 def test_a_backup_that_cannot_be_written_stops_the_save_before_the_file_is_touched(
@@ -462,3 +469,22 @@ def test_the_load_side_is_named_in_the_fingerprint_but_not_keyed(tmp_path: Path,
     assert json.loads(path.read_text())["fingerprint"]["load_side"] == workers.load_side
     loaded = store.load(fingerprint, MODEL_ID, VARIANT)  # found from one client's fingerprint
     assert loaded is not None and loaded.fingerprint.load_side == workers.load_side
+
+
+def test_a_save_waits_for_the_writer_holding_the_files_lock(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    """Two runs recording into one store take turns on `.<variant>.json.lock` (opened for writing, as a lock on NFS
+    must be), so neither loses the other's levels."""
+    store = BaselineStore(tmp_path)
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    path.parent.mkdir(parents=True)
+    saved = threading.Event()
+    with open(lock_path(path), "a") as other_writer:
+        fcntl.flock(other_writer, fcntl.LOCK_EX)
+        saver = threading.Thread(
+            target=lambda: (store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}})), saved.set())
+        )
+        saver.start()
+        assert not saved.wait(0.5)  # waiting on the other writer
+        assert not path.exists()
+    saver.join(timeout=10)
+    assert saved.is_set() and store.load(fingerprint, MODEL_ID, VARIANT) is not None

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.files import produce_directory
+from blip_triton_bench.files import host_tag, produce_directory, work_dir_prefix
 from blip_triton_bench.leftovers import (
     OWNER_HOST_LABEL,
     OWNER_PID_LABEL,
+    TEMP_DIR_NAME,
     ContainerInfo,
     remove_leftovers,
     stale_containers,
@@ -57,9 +59,23 @@ def test_names_the_suite_and_the_server_create_are_recognised() -> None:
 
 
 @pytest.mark.unit
-def test_only_work_folders_with_a_gone_pid_are_stale() -> None:
-    names = [".tmp-3f9a0c12-pid100-k2_x9abc", ".tmp-3f9a0c12-pid200-zz81q0aa", ".tmp-3f9a0c12-q8x7", "base-3f9a0c12"]
-    assert stale_temp_dirs(names, live_pids={200}) == [".tmp-3f9a0c12-pid100-k2_x9abc"]
+def test_only_this_hosts_work_folders_with_a_gone_pid_are_stale() -> None:
+    names = [
+        ".tmp-3f9a0c12@ci-7-pid100-k2_x9abc",  # this host, its process gone: stale
+        ".tmp-3f9a0c12@ci-7-pid200-zz81q0aa",  # this host, alive
+        ".tmp-3f9a0c12@ci-8-pid100-p0q1r2s3",  # another host sharing the cache: its pid 100 is not ours
+        ".tmp-3f9a0c12-pid100-k2_x9abc",  # an older suite's name, no host: cannot be judged
+        ".tmp-3f9a0c12-q8x7",
+        "base-3f9a0c12",
+    ]
+    assert stale_temp_dirs(names, live_pids={200}, host="ci-7") == [".tmp-3f9a0c12@ci-7-pid100-k2_x9abc"]
+
+
+@pytest.mark.unit
+def test_a_work_folder_names_this_host_as_a_file_name_can() -> None:
+    assert host_tag("build/host 7") == "build_host_7"
+    assert work_dir_prefix("abc") == f".tmp-abc@{host_tag()}-pid{os.getpid()}-"
+    assert TEMP_DIR_NAME.fullmatch(work_dir_prefix("abc") + "x1y2z3")["host"] == host_tag()
 
 
 @pytest.mark.unit
@@ -86,14 +102,17 @@ def test_cleanup_removes_a_killed_sessions_shm_and_work_folder_and_keeps_live_on
     produce_directory(cache / "exports" / "entry", "key1", lambda work: seen.append(work.name), lambda d: True)
     assert seen and f"-pid{os.getpid()}-" in seen[0]
     stale_work = cache / "exports" / seen[0].replace(f"-pid{os.getpid()}-", f"-pid{gone}-")
-    live_work = cache / "exports" / f".tmp-key2-pid{os.getpid()}-abc123"
+    live_work = cache / "exports" / f"{work_dir_prefix('key2')}abc123"
+    elsewhere = cache / "exports" / f".tmp-key3@another-host-pid{gone}-abc123"  # in progress on another machine
     stale_work.mkdir()
     (stale_work / "model.onnx").write_bytes(b"half")
     live_work.mkdir()
+    elsewhere.mkdir()
     try:
-        lines = remove_leftovers(shm_dir, cache, None, "this-host")
+        lines = remove_leftovers(shm_dir, cache, None, socket.gethostname())
         assert not stale_region.exists() and not stale_work.exists()
         assert live_region.exists() and live_work.exists() and (cache / "exports" / "entry").is_dir()
+        assert elsewhere.exists()
         assert f"removed stale shared memory {stale_region} (its process is gone)" in lines
         assert f"removed the work folder of a killed export {stale_work} (its process is gone)" in lines
     finally:

@@ -4,7 +4,9 @@ sweep's frontier; each file written atomically, as every file of the report is."
 from __future__ import annotations
 
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +44,10 @@ def _agg_pyplot():
 def save_figure(figure, path: Path) -> Path:
     """savefig to a temp file beside `path`, then rename: a reader never sees half a PNG."""
     plt = pyplot()
-    temp = path.with_name(f".{path.name}.tmp.png")
+    # A name of this call's own: two runs writing one report folder never write into each other's temp file.
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    os.close(handle)
+    temp = Path(name)
     try:
         figure.savefig(temp, dpi=110)
         temp.replace(path)
