@@ -254,3 +254,16 @@ def test_a_cache_on_a_full_disk_exits_1_naming_cache_dir_and_leaves_no_temp_fold
     assert "or pass --cache-dir a writable directory" in said
     assert "Traceback" not in said
     assert not [name for name in left if ".tmp-" in name], left
+
+
+@pytest.mark.parametrize("option", ["--cache-dir", "--baseline-dir"])
+def test_a_cache_or_store_of_another_user_is_a_usage_error(tmp_path: Path, option: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a folder to another user needs root: the refusal is not exercised")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    result = run_pytest("--collect-only", "-q", f"{option}={theirs}", "suite/test_perf.py")
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"{option} {theirs}: {theirs} belongs to uid 4242, not to this user (uid 0)" in result.stderr
+    assert f"pass {option} a folder of your own" in result.stderr

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.files import CONTENTS_FILENAME, contents_problem, produce_directory, record_contents
+from blip_triton_bench.files import (
+    CONTENTS_FILENAME,
+    contents_problem,
+    ownership_problem,
+    produce_directory,
+    record_contents,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -180,3 +186,36 @@ def test_an_export_entry_without_export_json_is_exported_again(tmp_path: Path) -
     assert not exported.from_cache and again.from_cache
     assert exported.onnx_path.read_bytes() == b"graph"
     assert (exported.cache_key, exported.opset) == ("abc", 17)
+
+
+def test_a_folder_of_another_user_or_under_one_is_named(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    me = os.geteuid()
+    assert ownership_problem(mine) is None
+    assert ownership_problem(mine / "not-yet" / "deeper") is None  # made by this user when first used
+    assert ownership_problem(mine, uid=me + 4242) == f"{mine} belongs to uid {me}, not to this user (uid {me + 4242})"
+    if me != 0:
+        pytest.skip("giving a folder to another user needs root: the other-owner cases are not exercised")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    assert ownership_problem(theirs) == f"{theirs} belongs to uid 4242, not to this user (uid 0)"
+    assert ownership_problem(theirs / "cache") == (
+        f"{theirs}, where {theirs / 'cache'} would be made, belongs to uid 4242, not to this user (uid 0)"
+    )
+    theirs.chmod(0o1777)  # sticky, like /tmp: nobody may replace another user's entries there
+    assert ownership_problem(theirs / "cache") is None
+
+
+def test_bytecode_python_writes_while_an_entry_is_used_is_not_a_change(tmp_path: Path) -> None:
+    """A stub environment is a venv: running it writes __pycache__ folders, which must not make it a rebuild."""
+    entry = tmp_path / "venv"
+    (entry / "lib" / "numpy").mkdir(parents=True)
+    (entry / "lib" / "numpy" / "core.py").write_text("x = 1\n")
+    record_contents(entry)
+    (entry / "lib" / "numpy" / "__pycache__").mkdir()
+    (entry / "lib" / "numpy" / "__pycache__" / "core.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    assert contents_problem(entry) is None
+    (entry / "lib" / "numpy" / "core.py").write_text("x = 2\n")
+    assert contents_problem(entry) == "lib/numpy/core.py changed since it was recorded (SHA-256 differs)"

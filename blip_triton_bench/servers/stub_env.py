@@ -9,14 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from blip_triton_bench.files import produce_directory
 from blip_triton_bench.servers.base import ServerStartError
 
 logger = logging.getLogger(__name__)
@@ -31,13 +29,12 @@ def stub_env_key(requirements: Sequence[str]) -> str:
 
 
 def stub_interpreter(cache_dir: Path, requirements: Sequence[str]) -> Path:
-    """The bin directory of a venv (this Python version) with `requirements` installed; built on first use."""
+    """The bin directory of a venv (this Python version) with `requirements` installed; built on first use, and
+    built again when it no longer holds what it recorded (files.produce_directory: a file cut short or changed)."""
     final_dir = Path(cache_dir) / "stub-envs" / stub_env_key(requirements)
-    if (final_dir / COMPLETE_MARKER).is_file():
-        return final_dir / "bin"
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=final_dir.parent))
-    try:
+    installed: list[str] = []
+
+    def build(work_dir: Path) -> None:
         # The same base interpreter as this venv's: the stub is built for this Python version only.
         base_python = Path(getattr(sys, "_base_executable", sys.executable))
         for command in (
@@ -50,20 +47,16 @@ def stub_interpreter(cache_dir: Path, requirements: Sequence[str]) -> Path:
                     f"building the stub interpreter for {', '.join(requirements)} failed: {' '.join(command)} "
                     f"exited {done.returncode}:\n{(done.stdout + done.stderr)[-2000:]}"
                 )
-        installed = subprocess.run(
-            [str(work_dir / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True, check=True
-        ).stdout.split()
+        installed.extend(
+            subprocess.run(
+                [str(work_dir / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True, check=True
+            ).stdout.split()
+        )
+        # Written last: a venv finds its site-packages from pyvenv.cfg beside bin/, so it still works once renamed.
         (work_dir / COMPLETE_MARKER).write_text(
             json.dumps({"requirements": list(requirements), "installed": installed})
         )
-        try:
-            # A venv finds its site-packages from pyvenv.cfg beside bin/, so it still works once renamed.
-            os.replace(work_dir, final_dir)
-        except OSError:  # another session finished the same venv first
-            if not (final_dir / COMPLETE_MARKER).is_file():
-                shutil.rmtree(final_dir, ignore_errors=True)
-                os.replace(work_dir, final_dir)
+
+    if produce_directory(final_dir, final_dir.name, build, lambda folder: (folder / COMPLETE_MARKER).is_file()):
         logger.info("built the stub interpreter %s (%s)", final_dir, ", ".join(installed))
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
     return final_dir / "bin"
