@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from blip_triton_bench.baselines import (
+    CONTENT_DIGEST_FIELD,
     SCHEMA_VERSION,
     Baseline,
     BaselineError,
@@ -25,6 +26,15 @@ from blip_triton_bench.baselines import (
 )
 
 pytestmark = pytest.mark.unit
+
+
+def written_by_hand(text: str) -> dict:
+    """A recorded baseline's data as a person writing a file would have it: without the content digest (a file
+    edited with its digest kept is refused as edited, before any other check)."""
+    data = json.loads(text)
+    del data[CONTENT_DIGEST_FIELD]
+    return data
+
 
 MODEL_ID = "Salesforce/blip-image-captioning-base"
 VARIANT = "base_model_cpu"
@@ -197,7 +207,7 @@ def test_wrong_or_missing_schema_version_is_named(tmp_path: Path, fingerprint: F
     store = BaselineStore(tmp_path)
     store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))
     path = store.path_for(fingerprint, MODEL_ID, VARIANT)
-    data = json.loads(path.read_text())
+    data = written_by_hand(path.read_text())
 
     path.write_text(json.dumps(data | {"schema_version": 99}))
     with pytest.raises(BaselineError, match="has schema_version 99, but this suite reads schema_version 1 or 2"):
@@ -213,7 +223,7 @@ def test_missing_and_mistyped_fields_are_named(tmp_path: Path, fingerprint: Fing
     store = BaselineStore(tmp_path)
     store.save(baseline(fingerprint, {"startup": {"cold_start_s": 9.0}}))
     path = store.path_for(fingerprint, MODEL_ID, VARIANT)
-    data = json.loads(path.read_text())
+    data = written_by_hand(path.read_text())
 
     path.write_text(json.dumps({key: value for key, value in data.items() if key != "levels"}))
     with pytest.raises(BaselineError, match="missing field\\(s\\) levels"):
@@ -246,7 +256,7 @@ def test_a_baseline_edited_to_what_no_measurement_reads_is_refused(
     }
     store.save(baseline(fingerprint, {"concurrency=1": measured}))  # zero spreads and error counts are measurements
     path = store.path_for(fingerprint, MODEL_ID, VARIANT)
-    data = json.loads(path.read_text())
+    data = written_by_hand(path.read_text())
     data["levels"]["concurrency=1"][0]["metrics"][metric] = value
     path.write_text(json.dumps(data))
     with pytest.raises(BaselineError) as refused:
@@ -411,7 +421,7 @@ def test_cpu_features_round_trip_and_are_checked(tmp_path: Path, fingerprint: Fi
     recorded = baseline(replace(fingerprint, cpu_features=AVX512), {"startup": {"cold_start_s": 2.0}})
     store.save(recorded)
     assert store.load(recorded.fingerprint, MODEL_ID, VARIANT) == recorded
-    data = json.loads(recorded.to_json())
+    data = written_by_hand(recorded.to_json())
     data["fingerprint"]["cpu_features"] = "avx2"
     with pytest.raises(BaselineError, match=r"field fingerprint\.cpu_features should be a list"):
         Baseline.from_json(json.dumps(data), Path("x.json"))
@@ -488,3 +498,25 @@ def test_a_save_waits_for_the_writer_holding_the_files_lock(tmp_path: Path, fing
         assert not path.exists()
     saver.join(timeout=10)
     assert saved.is_set() and store.load(fingerprint, MODEL_ID, VARIANT) is not None
+
+
+def test_a_baseline_edited_after_recording_is_refused_and_one_without_a_digest_still_loads(
+    tmp_path: Path, fingerprint: Fingerprint
+) -> None:
+    store = BaselineStore(tmp_path)
+    store.save(baseline(fingerprint, {"concurrency=1": {"throughput_infer_per_s": 24.3, "latency_p99_ms": 80.0}}))
+    path = store.path_for(fingerprint, MODEL_ID, VARIANT)
+    recorded = path.read_text()
+    path.write_text(json.dumps(json.loads(recorded), indent=4))  # indented anew: the same content
+    assert store.load(fingerprint, MODEL_ID, VARIANT) is not None
+
+    path.write_text(recorded.replace('"throughput_infer_per_s": 24.3', '"throughput_infer_per_s": 12.0'))
+    with pytest.raises(
+        BaselineError, match=r"was edited after it was recorded: its content no longer matches"
+    ) as error:
+        store.load(fingerprint, MODEL_ID, VARIANT)
+    assert "restore the recorded file (base_model_cpu.json.bak beside it, or version control)" in error.value.fix
+
+    path.write_text(json.dumps(written_by_hand(recorded.replace("24.3", "12.0"))))  # a file a person wrote
+    loaded = store.load(fingerprint, MODEL_ID, VARIANT)
+    assert loaded is not None and loaded.levels["concurrency=1"]["throughput_infer_per_s"] == 12.0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.baselines import Baseline, BaselineError, BaselineStore
+from blip_triton_bench.baselines import CONTENT_DIGEST_FIELD, Baseline, BaselineError, BaselineStore
 from blip_triton_bench.perf import enforce_verdict, record_judgement
 from blip_triton_bench.proof import Judgement, Outcome
 from blip_triton_bench.repository import discover_variants
@@ -18,6 +18,15 @@ from tests.test_baselines import fingerprint  # noqa: F401  (a fixture)
 from tests.test_session import perf_run
 
 pytestmark = pytest.mark.unit
+
+
+def written_by_hand(text: str) -> dict:
+    """A recorded baseline's data as a person writing a file would have it: without the content digest (a file
+    edited with its digest kept is refused as edited, before any other check)."""
+    data = json.loads(text)
+    del data[CONTENT_DIGEST_FIELD]
+    return data
+
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 RECORDED = {"triton": "2.51.0", "onnxruntime": "1.31.1", "numpy": "2.3.1"}
@@ -52,7 +61,7 @@ def test_a_baseline_keeps_the_software_of_each_run_and_older_files_still_load(tm
     loaded = store.load(fingerprint, fingerprint.model_id, "base_model_cpu")
     assert loaded.runs["startup"][0].software == RECORDED
 
-    data = json.loads(path.read_text())
+    data = written_by_hand(path.read_text())
     del data["levels"]["startup"][0]["software"]  # as the suite wrote it before it named software
     path.write_text(json.dumps(data))
     assert store.load(fingerprint, fingerprint.model_id, "base_model_cpu").runs["startup"][0].software == {}

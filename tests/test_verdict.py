@@ -98,3 +98,49 @@ def test_p99_of_few_requests_is_never_a_failure() -> None:
     enough = {**few, "request_count": float(MIN_REQUESTS_FOR_P99_VERDICT)}
     (verdict,) = compare_level(baseline, enough)
     assert verdict.status is VerdictStatus.REGRESSION
+
+
+def test_the_exceedances_a_p99_regression_needs_follow_the_binomial_bound() -> None:
+    from blip_triton_bench.verdict import exceedances_for_regression
+
+    # P(Binomial(n, 1 %) >= k) < 1 %: one request of 5 above the limit happens 4.9 % of the time, two 0.1 %
+    assert [exceedances_for_regression(n) for n in (1, 2, 5, 20, 60, 100)] == [2, 2, 2, 3, 4, 5]
+
+
+def few_requests(slow: int, total: int = 20, slow_ms: float = 200.0) -> tuple[dict[str, float], list[float]]:
+    latencies = [50.0] * (total - slow) + [slow_ms] * slow
+    p99 = sorted(latencies)[-1]
+    return {"latency_p99_ms": p99, "p99_spread_pct": 1.0, "request_count": float(total)}, latencies
+
+
+@pytest.mark.parametrize(
+    ("slow", "status", "said"),
+    [
+        (3, VerdictStatus.REGRESSION, "3 of 20 requests above the limit 110.00 ms (baseline p99 + 10%)"),
+        (
+            2,
+            VerdictStatus.INCONCLUSIVE,
+            "worse beyond the tolerance, but a regression needs >= 3 of 20 above the limit",
+        ),
+        (0, VerdictStatus.IMPROVED, "improved (a regression needs >= 3 of 20 above it)"),
+    ],
+)
+def test_a_p99_over_few_requests_is_judged_by_how_many_exceed_its_limit(
+    slow: int, status: VerdictStatus, said: str
+) -> None:
+    measured, latencies = few_requests(slow)
+    (verdict,) = compare_level(
+        {"latency_p99_ms": 100.0, "p99_spread_pct": 1.0}, measured, 10.0, measured_latencies_ms=latencies
+    )
+    assert verdict.status is status
+    assert verdict.gated  # a bound valid at 20 requests: it could have failed, so it counts as judged
+    assert said in verdict.message
+    assert "a p99 judged by its value needs 100 requests" in verdict.message
+
+
+def test_a_p99_over_one_request_cannot_fail_and_is_not_judged() -> None:
+    measured, latencies = few_requests(1, total=1)
+    (verdict,) = compare_level(
+        {"latency_p99_ms": 100.0, "p99_spread_pct": 1.0}, measured, 10.0, measured_latencies_ms=latencies
+    )
+    assert not verdict.gated and verdict.status is VerdictStatus.INCONCLUSIVE
