@@ -14,14 +14,14 @@ ORT_STAMP := $(VENV)/.onnxruntime-$(ORT)
 
 .PHONY: install check test bench lint clean
 
-$(STAMP): pyproject.toml $(ORT_STAMP)
+$(STAMP): pyproject.toml constraints.txt $(ORT_STAMP)
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# The CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build); then the project.
-	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -c constraints.txt torch==2.13.0
 	# Neither ONNX Runtime build first, so switching ORT never leaves the other's files under `onnxruntime/`.
 	$(PYTHON) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu
-	$(PYTHON) -m pip install --quiet -e '.[dev,cluster,$(ORT)]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,cluster,$(ORT)]'
 	rm -f $(VENV)/.onnxruntime-*
 	touch $(ORT_STAMP) $(STAMP)
 
