@@ -221,6 +221,9 @@ class WorkerPool(abc.ABC):
     def close(self) -> None:
         """Stop every worker; nothing is left running."""
 
+    def check_server_url(self, url: str) -> None:  # noqa: B027 (a hook: workers on this host have nothing to check)
+        """WorkerDied when some worker cannot reach a server at `url`, before any load is sent to it."""
+
     def clock_offset_s(self, index: int) -> tuple[float, float]:
         """(worker clock - this clock, its uncertainty), from the shortest of CLOCK_PINGS round trips."""
         best = (math.inf, 0.0)
@@ -328,6 +331,7 @@ async def measure_with_workers(
     statistics taken here around them. A worker that dies or stops reporting fails the level (LevelAborted naming
     it); every started worker is stopped whatever happens."""
     try:
+        pool.check_server_url(url)
         shares = split_level(level, pool.size)
         used = range(len(shares))
         clocks = [await asyncio.to_thread(pool.clock_offset_s, index) for index in used]
