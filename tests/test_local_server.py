@@ -96,7 +96,11 @@ def doubler_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])],
         initializer=[helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # onnx writes its newest IR version (1.23: IR 14), which onnxruntime 1.31.1 (constraints.txt) refuses; opset 17
+    # needs IR 8, which every onnxruntime since 1.12 reads
+    model.ir_version = 8
+    return model
 
 
 @pytest.fixture(scope="module")
