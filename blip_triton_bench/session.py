@@ -18,6 +18,8 @@ from blip_triton_bench.servers.base import ModelLoad, RunningServer, ServerStart
 from blip_triton_bench.servers.supervised import ServerDeath
 
 if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test needs them
+    from collections.abc import Callable
+
     from blip_triton_bench.ab import ABRun
     from blip_triton_bench.agreement import Agreement
     from blip_triton_bench.caption_latency import CaptionLatency
@@ -68,6 +70,8 @@ class BenchSession:
     """What this session learned that a person should read at the end, and what --update-baselines may store."""
 
     variants: list[Variant] = field(default_factory=list)  # the selected variants, in repository order
+    #: every variant the server holds (the selected ones and the models they call), by name
+    repository: dict[str, Variant] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     leftovers_removed: list[str] = field(default_factory=list)  # what a killed session left, removed at this start
     server: RunningServer | None = None
@@ -169,7 +173,7 @@ class BenchSession:
 
         not_written: tuple[str, ...] = ()
         if update_baselines and perf is not None:
-            recording = record_baselines(perf, self.correctness_gate)
+            recording = record_baselines(perf, self.correctness_gate, self._keep_repository(perf))
             self.baseline_lines, not_written = list(recording.lines), recording.not_written
         self.outcome = FinishOutcome(
             baselines_not_written=not_written,
@@ -178,6 +182,16 @@ class BenchSession:
             unproven=unproven,
         )
         return self.outcome
+
+    def _keep_repository(self, perf: PerfRun) -> Callable[[str], list[str]] | None:
+        """Keeps a recorded variant's folder, and those of the models it calls, in the store's recorded-repository/;
+        None when the session was not told the repository (nothing to copy from)."""
+        from blip_triton_bench.recorded_repository import keep_recorded, recorded_repository_path
+
+        if not self.repository:
+            return None
+        root = recorded_repository_path(perf.store.root)
+        return lambda name: keep_recorded(root, self.repository[name], self.repository)
 
     def _write_report(self, perf: PerfRun | None, report_dir: Path) -> str | None:
         """Write the report and keep its summary lines; on an OSError keep the tables and return what went wrong."""

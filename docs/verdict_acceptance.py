@@ -6,6 +6,11 @@ runs so drift hits both alike, and writes one CSV row per run plus the counts.
     .venv/bin/python docs/verdict_acceptance.py ab --model base --delay-us 80000 --runs 5 --window-s 3 \
         --min-requests 3 --out /tmp/ab-acceptance-base
     .venv/bin/python docs/verdict_acceptance.py baseline --baseline-runs 5 --runs 20 --out /tmp/baseline-acceptance
+    .venv/bin/python docs/verdict_acceptance.py replay --runs 20 --out /tmp/replay-acceptance
+
+replay: the baseline is recorded once (`--update-baselines`, which keeps the recorded repository in the store), then
+each run judges the repository with `--replay-baselines` (suite/test_perf.py and suite/test_ab.py), as a user would
+after a change; the A/B verdict against the recorded copy is what counts.
 
 The slowdown: base_model_cpu's batcher waits --delay-us for a batch of 8 that one client never fills (at c=1 on
 the tiny model, 1200 us is ~10 % of a request's time). Pass --model base for BLIP-base (a larger --delay-us).
@@ -41,10 +46,12 @@ def pytest(model: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
 
 
-def ab_run(model: str, after: Path, report: Path, rounds: int, window_s: float, min_requests: int) -> dict:
+def ab_run(
+    model: str, after: Path, report: Path, rounds: int, window_s: float, min_requests: int, *before: str
+) -> dict:
     pytest(
-        model, f"--model-repository={after}", f"--reference-repository={SEED}", f"--report-dir={report}",
-        "--ab-rounds", str(rounds), "--window-s", str(window_s), "--warmup-s", "0.5",
+        model, f"--model-repository={after}", *(before or (f"--reference-repository={SEED}",)),
+        f"--report-dir={report}", "--ab-rounds", str(rounds), "--window-s", str(window_s), "--warmup-s", "0.5",
         "--min-requests-per-window", str(min_requests), "suite/test_ab.py",
     )  # fmt: skip
     (data,) = json.loads((report / "results.json").read_text())["sections"][AB_SECTION]["data"]
@@ -71,7 +78,7 @@ def baseline_run(model: str, repo: Path, store: Path, report: Path, tolerance: f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("ab", "baseline"))
+    parser.add_argument("mode", choices=("ab", "baseline", "replay"))
     parser.add_argument("--runs", type=int, default=20, help="runs of each kind (slowed, unchanged)")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--delay-us", type=int, default=1200)
@@ -86,6 +93,13 @@ def main() -> None:
     slowed = repository(out / "slowed", options.delay_us)
     unchanged = repository(out / "unchanged", None)
     store = out / "baselines"
+    if options.mode == "replay":
+        recorded = pytest(
+            options.model, f"--model-repository={unchanged}", f"--baseline-dir={store}",
+            f"--report-dir={out / 'record'}", "--update-baselines", "--window-s", "1", "--warmup-s", "0.5",
+            "--max-windows", "8", "suite/test_serving_correctness.py", "suite/test_perf.py",
+        )  # fmt: skip
+        print(f"recorded the baseline and its repository: exit {recorded.returncode}", flush=True)
     if options.mode == "baseline":
         for index in range(options.baseline_runs):
             recorded = pytest(
@@ -101,6 +115,11 @@ def main() -> None:
             report = out / f"{kind}-{index}"
             if options.mode == "ab":
                 row = ab_run(options.model, repo, report, options.rounds, options.window_s, options.min_requests)
+            elif options.mode == "replay":
+                row = ab_run(
+                    options.model, repo, report, options.rounds, options.window_s, options.min_requests,
+                    "--replay-baselines", f"--baseline-dir={store}", "suite/test_perf.py",
+                )  # fmt: skip
             else:
                 row = baseline_run(options.model, repo, store, report, options.tolerance_pct)
             rows.append({"run": index + 1, "kind": kind, **row})
