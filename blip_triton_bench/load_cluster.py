@@ -65,6 +65,13 @@ REACHABLE_SERVER_FIX = (
 )
 
 
+class ClusterSoftwareMismatch(WorkerDied):
+    """A node of the cluster runs other software than this host: a usage error (the fix is an install on that node,
+    or keeping it out of the cluster), not a worker that failed."""
+
+    usage_error = True
+
+
 @dataclass(frozen=True)
 class SuiteSoftware:
     """What decides that an actor runs the same load loop as this host: the suite's version, Python's major.minor
@@ -335,7 +342,7 @@ class RayWorkers(WorkerPool):
         try:
             self.places = self._placed()
             if (problem := software_mismatch(address, self.places, SuiteSoftware.here())) is not None:
-                raise WorkerDied(problem)
+                raise ClusterSoftwareMismatch(problem)
         except WorkerDied:
             self.close()
             raise

@@ -61,6 +61,8 @@ Record = tuple[float, float, bool]  # (latency reference, completed, succeeded),
 class WorkerDied(RuntimeError):
     """A load worker is gone or stopped answering; the message names it."""
 
+    usage_error: bool = False  # True: the fix is the user's (a node's software), and the run exits as a usage error
+
 
 @dataclass(frozen=True)
 class WorkerBatch:

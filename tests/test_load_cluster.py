@@ -244,6 +244,7 @@ def test_a_node_with_another_version_of_the_suite_is_refused_before_any_load_is_
         cluster.wait_for_nodes()
         with pytest.raises(WorkerDied) as refused:
             RayWorkers(cluster.address, 2).close()
+        assert refused.value.usage_error  # the suite's run exits 4, as for a usage error
         message = str(refused.value)
         here = SuiteSoftware.here()
         assert f"node {odd_node[:12]} (" in message and f"runs {SUITE_DISTRIBUTION} 0.0.1, Python" in message
