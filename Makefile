@@ -44,7 +44,8 @@ TINY_LEVELS := --window-s 1 --warmup-s 0.5 --max-windows 10 --stability-percenta
 # in 5 interleaved rounds (A/B), which a host's drift between two passes cannot fail, as it failed a baseline
 # recorded minutes earlier (time to first token +69 % with nothing changed). The perf, start-up and caption tests
 # record into a store of this run's own (--update-baselines: recording gated on correctness, as a user records),
-# never into baselines/. --disconnect-stress is tested by tests/test_disconnect_stress_end_to_end.py.
+# never into baselines/. --disconnect-stress is tested by tests/test_disconnect_stress_end_to_end.py, the capacity
+# search at an SLO (suite/test_capacity.py, which needs --slo) by tests/test_capacity_end_to_end.py.
 # The seed against an unchanged copy of itself must pass, so the A/B's minimum effect (--tolerance-pct) is 25 %:
 # identical variants have measured up to 11 % apart here in all 5 rounds (the captioner, whose "after" models had
 # served the earlier tests), which the default 5 % called a regression. Detecting real slowdowns of a given size is
@@ -53,7 +54,7 @@ TEST_BASELINES := $(VENV)/test-baselines
 SELF_AB := --reference-repository model_repository --ab-rounds 5 --tolerance-pct 25
 SUITE_PASS := suite --model tiny --server local $(TINY_LEVELS) --concurrency 2 --caption-concurrency 2 \
 	$(SELF_AB) --update-baselines --baseline-dir $(TEST_BASELINES) \
-	--sweep-variant base_model_cpu --sweep-concurrency 2 -m "not disconnects"
+	--sweep-variant base_model_cpu --sweep-concurrency 2 -m "not disconnects and not capacity"
 # The container pass checks what differs with a container: serving and correctness, and the A/B of each variant
 # and captioner against the seed's, served by the same container.
 CONTAINER_PASS := suite --model tiny --server container $(TINY_LEVELS) --concurrency 2 --caption-concurrency 2 \

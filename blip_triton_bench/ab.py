@@ -23,8 +23,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from blip_triton_bench.ab_sides import ABSide, ReferenceRepository, ReferenceServer
-from blip_triton_bench.caption import CaptionerClient
-from blip_triton_bench.caption_load import CaptionRequest, measure_caption_level
+from blip_triton_bench.caption_load import CaptionRequest, caption_request_alone, measure_caption_level
 from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings, measure_level
 from blip_triton_bench.repository import Variant
 from blip_triton_bench.servers.base import RunningServer, ServerStartError
@@ -321,6 +320,4 @@ class ABRun:
 
 def caption_request(side: ABSide, pixel_values: np.ndarray, tokens: int) -> CaptionRequest:
     """What every caption of a side asks for, with the tokens it must come back with: the side's caption alone."""
-    with CaptionerClient(side.url("grpc")) as client:
-        alone = client.caption(side.model, pixel_values, 0, tokens, True)
-    return CaptionRequest(side.model, pixel_values, tokens, alone.generated_ids)
+    return caption_request_alone(side.url("grpc"), side.model, pixel_values, tokens)

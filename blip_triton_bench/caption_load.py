@@ -33,6 +33,7 @@ from blip_triton_bench.load import (
     arrival_gaps,
     parse_range,
 )
+from blip_triton_bench.slo import INTER_TOKEN_LATENCY, LATENCY, TIME_TO_FIRST_TOKEN, RequestOutcome
 from blip_triton_bench.stats import (
     Stability,
     latency_percentile,
@@ -89,6 +90,15 @@ class CaptionRecord:
         if len(self.token_arrivals_s) < 2:
             return None
         return (self.token_arrivals_s[-1] - self.token_arrivals_s[0]) * 1000.0 / (len(self.token_arrivals_s) - 1)
+
+    def outcome(self) -> RequestOutcome:
+        """This caption as the SLO sees it (a caption of one token has no inter-token latency)."""
+        if self.error is not None or not self.token_arrivals_s:
+            return RequestOutcome(False, {})
+        values = {LATENCY: self.latency_ms, TIME_TO_FIRST_TOKEN: self.time_to_first_token_ms}
+        if (inter_token_ms := self.inter_token_latency_ms) is not None:
+            values[INTER_TOKEN_LATENCY] = inter_token_ms
+        return RequestOutcome(True, values)
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,11 @@ class CaptionLevelMeasurement:
     @property
     def errors(self) -> list[str]:
         return [record.error for window in self.judged for record in window.captions if record.error is not None]
+
+    def slo_outcomes(self) -> tuple[list[RequestOutcome], float]:
+        """Every caption that ended in the judged windows, failed ones included, and those windows' length in s."""
+        outcomes = [record.outcome() for window in self.judged for record in window.captions]
+        return outcomes, sum(window.duration_s for window in self.judged)
 
     def metrics(self) -> dict[str, float]:
         """genai-perf's metrics: output tokens/s (median of the windows'), captions/s (tokens/s over the fixed
@@ -249,6 +264,14 @@ class CaptionRequest:
     pixel_values: np.ndarray
     tokens: int
     expected_ids: tuple[int, ...] | None = None  # the same image captioned alone; None: only the length is checked
+
+
+def caption_request_alone(grpc_url: str, model_name: str, pixel_values: np.ndarray, tokens: int) -> CaptionRequest:
+    """What every caption of a level asks for, with the tokens it must come back with: the same image captioned
+    alone, on the same server, before the load starts."""
+    with CaptionerClient(grpc_url) as client:
+        alone = client.caption(model_name, pixel_values, 0, tokens, True)
+    return CaptionRequest(model_name, pixel_values, tokens, alone.generated_ids)
 
 
 def _one_caption(client: CaptionerClient, request: CaptionRequest, asked_s: float, recorder: _Recorder) -> None:

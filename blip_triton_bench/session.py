@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test nee
 
     from blip_triton_bench.ab import ABRun
     from blip_triton_bench.agreement import Agreement
+    from blip_triton_bench.capacity import CapacityResult
     from blip_triton_bench.caption_latency import CaptionLatency
     from blip_triton_bench.caption_load import CaptionLevelMeasurement
     from blip_triton_bench.disconnects import AbandonOutcome
@@ -99,6 +100,8 @@ class BenchSession:
     caption_latency: dict[str, CaptionLatency] = field(default_factory=dict)
     #: (captioner, level) measured by the caption load tests, in the order they ran
     caption_load: list[tuple[str, CaptionLevelMeasurement]] = field(default_factory=list)
+    #: (variant, its capacity at its SLO) found by suite/test_capacity.py, in the order they ran
+    capacity: list[tuple[str, CapacityResult]] = field(default_factory=list)
     artifact_bytes: dict[str, int] = field(default_factory=dict)
     sweep_lines: list[str] = field(default_factory=list)
     outcome: FinishOutcome = field(default_factory=FinishOutcome)
@@ -122,6 +125,9 @@ class BenchSession:
     def record_server_death(self, death: ServerDeath) -> None:
         self.server_deaths.append(death)
         self.outcome = dataclasses.replace(self.outcome, server_deaths=len(self.server_deaths))
+
+    def record_capacity(self, variant: str, result: CapacityResult) -> None:
+        self.capacity.append((variant, result))
 
     def record_disconnect_stress(self, captioner: str, outcome: AbandonOutcome) -> None:
         self.disconnects[captioner] = outcome
@@ -163,6 +169,7 @@ class BenchSession:
             or self.accuracy
             or self.caption_latency
             or self.caption_load
+            or self.capacity
             or self.sweep_lines
             or self.interrupted_during is not None
             or self.proof.findings

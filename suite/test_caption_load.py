@@ -13,13 +13,13 @@ import warnings
 import pytest
 
 from blip_triton_bench.baselines import BaselineError
-from blip_triton_bench.caption import CaptionerClient
-from blip_triton_bench.caption_load import CaptionRequest, measure_caption_level
+from blip_triton_bench.caption_load import caption_request_alone, measure_caption_level
 from blip_triton_bench.load import LoadLevel
 from blip_triton_bench.model import ModelDescription
 from blip_triton_bench.perf import PerfRun, UnstableMeasurement, enforce_verdict
 from blip_triton_bench.proof import Judgement
 from blip_triton_bench.servers.served import ServedVariant
+from blip_triton_bench.slo import CAPTION_QUANTITIES
 from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.perf
@@ -38,9 +38,8 @@ def test_caption_load(
 ) -> None:
     url, tokens = served_captioner.server.endpoints.grpc_url, bench_options.caption_tokens
     pixel_values = preprocess([load_image(IMAGE)], model_description)
-    with CaptionerClient(url) as client:  # the caption every one under load must equal (alone: see test_captioner.py)
-        alone = client.caption(served_captioner.name, pixel_values, 0, tokens, True)
-    request = CaptionRequest(served_captioner.name, pixel_values, tokens, alone.generated_ids)
+    # the caption every one under load must equal (alone: see test_captioner.py)
+    request = caption_request_alone(url, served_captioner.name, pixel_values, tokens)
     measurement = measure_caption_level(url, request, caption_load_level, perf_run.settings.load)
     bench_session.caption_load.append((served_captioner.name, measurement))
     errors = measurement.errors
@@ -55,8 +54,14 @@ def test_caption_load(
             ),
             stacklevel=1,
         )
+    outcomes, judged_s = measurement.slo_outcomes()
     try:
-        result = perf_run.judge_startup(served_captioner.variant, measurement.metrics(), caption_load_level.level_id)
+        slo = perf_run.service_level_result(
+            served_captioner.variant, outcomes, judged_s, CAPTION_QUANTITIES, "captions"
+        )
+        result = perf_run.judge_startup(
+            served_captioner.variant, measurement.metrics(), caption_load_level.level_id, slo
+        )
     except BaselineError as error:
         pytest.fail(str(error), pytrace=False)
     unstable = "" if measurement.stability.stable else measurement.stability.reason or "its windows never settled"

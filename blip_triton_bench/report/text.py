@@ -10,12 +10,14 @@ import statistics
 from collections.abc import Mapping, Sequence
 
 from blip_triton_bench.ab import ABLevel
+from blip_triton_bench.capacity import CapacityResult
 from blip_triton_bench.caption_latency import CaptionLatency, speedup
 from blip_triton_bench.caption_load import CAPTION_CONCURRENCY, CaptionLevelMeasurement
 from blip_triton_bench.load import CONCURRENCY, OPEN_LOOP_BACKLOG_S, LevelMeasurement
 from blip_triton_bench.perf import STARTUP_LEVEL, FailedLevel, JudgedLevel, StartupResult
 from blip_triton_bench.resources import ResourceUsage
 from blip_triton_bench.selection import ServingEfficiency, VariantSummary
+from blip_triton_bench.slo import SLOResult
 from blip_triton_bench.sweep import SweepFailure, SweepMeasurement, SweepPoint
 
 #: Resource use per level under Model Analyzer's names (perf_analyzer has none): CPU as a mean over the measured
@@ -97,6 +99,8 @@ def csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, str]]) -> str:
 
 def verdict_text(judged: JudgedLevel | StartupResult) -> str:
     """One verdict text for every table: the worst metric's status and change against the baseline."""
+    if isinstance(judged, JudgedLevel) and judged.capacity_probe:
+        return "a capacity search's probe: held to the SLO only"
     if judged.baseline_metrics is None:
         return "no baseline"
     if not judged.verdicts:
@@ -331,11 +335,56 @@ def progress_line(judged: JudgedLevel) -> str:
     """One line per measured level, printed while a long sweep runs."""
     summary = judged.measurement.summary
     stable = f"stable over windows {list(summary.window_indices)}" if summary.stable else "UNSTABLE"
+    slo = ""
+    if judged.slo is not None:
+        verdict = "SLO met" if judged.slo.met else "SLO MISSED"
+        slo = f"; {verdict}, goodput {judged.slo.goodput_per_s:.2f}/s"
     return (
         f"[perf] {judged.variant} {judged.measurement.level.level_id}: {summary.throughput_infer_per_s:.2f} infer/s, "
         f"p50 {summary.latency_p50_ms:.1f} ms, p99 {summary.latency_p99_ms:.1f} ms, {len(judged.measurement.windows)} "
-        f"windows, {stable}; {verdict_text(judged)}"
+        f"windows, {stable}; {verdict_text(judged)}{slo}"
     )
+
+
+def capacity_table(found: Sequence[tuple[str, CapacityResult]]) -> str:
+    """One row per variant searched: its capacity at the SLO, the rate that missed, and how the search went."""
+    lines = [
+        "| variant | SLO | capacity requests/s | missed at requests/s | bracket | settled | probes | how |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for variant, result in found:
+        capacity = _cell(result.capacity_per_s, ".3g")
+        missed = _cell(result.missed_per_s, ".3g")
+        bracket = f"+{result.bracket_pct:.1f}%" if result.bracketed else "-"
+        settled = "yes" if result.settled else "no"
+        lines.append(
+            f"| {variant} | {result.slo} | {capacity} | {missed} | {bracket} | {settled} | {len(result.probes)} | "
+            f"{result.describe()} |"
+        )
+    return "\n".join(lines)
+
+
+def slo_rows(results: Sequence[JudgedLevel | StartupResult]) -> list[tuple[str, str, SLOResult]]:
+    """(variant, level, result) for every level judged against an SLO, request levels and caption levels alike."""
+    return [(item.variant, item.level_id, item.slo) for item in results if item.slo is not None]
+
+
+def slo_table(rows: Sequence[tuple[str, str, SLOResult]]) -> str:
+    """One row per level held to an SLO: goodput beside throughput, and each target's percentile against its limit."""
+    lines = [
+        "| variant | level | SLO | goodput/s | good of all | met | targets |",
+        "| --- | --- | --- | ---: | ---: | --- | --- |",
+    ]
+    for variant, level_id, result in rows:
+        met = ("met" if result.met else "MISSED") + ("" if result.settled else " (not settled)")
+        targets = "; ".join(target.describe() for target in result.targets)
+        if result.not_applicable:
+            targets += f"; not measured at this level: {', '.join(result.not_applicable)}"
+        lines.append(
+            f"| {variant} | {level_id} | {result.slo} | {result.goodput_per_s:.2f} {result.unit} | "
+            f"{result.good} of {result.requests} | {met} | {targets} |"
+        )
+    return "\n".join(lines)
 
 
 def caption_table(latencies: Sequence[CaptionLatency]) -> str:

@@ -29,6 +29,7 @@ from blip_triton_bench.report.text import (
     CSV_COLUMNS,
     ab_table,
     budget_text,
+    capacity_table,
     caption_load_table,
     caption_ratio_lines,
     caption_scaling_lines,
@@ -42,6 +43,8 @@ from blip_triton_bench.report.text import (
     load_side_table,
     markdown_table,
     resource_notes,
+    slo_rows,
+    slo_table,
     startup_table,
     sweep_csv,
     sweep_markdown,
@@ -50,6 +53,7 @@ from blip_triton_bench.report.text import (
 )
 from blip_triton_bench.repository import LOGITS_ROLE
 from blip_triton_bench.selection import serving_efficiency, summarize_variants
+from blip_triton_bench.slo import CONFIDENCE
 from blip_triton_bench.sweep import (
     SweepFailure,
     SweepMeasurement,
@@ -70,6 +74,8 @@ BEST_CONFIG = "best_config.pbtxt"
 
 
 PROOF_SECTION = "What this run proved"
+SLO_SECTION = "Service-level objective (--slo)"
+CAPACITY_SECTION = "Capacity at the SLO"
 
 
 @dataclass(frozen=True)
@@ -292,6 +298,32 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
                 ab_table(ab_levels),
                 plots=(plot,) if plot else (),
                 data=[level.to_dict() for level in ab_levels],
+            )
+        )
+    if session.perf is not None and (held := slo_rows([*session.perf.results, *session.perf.startup_results])):
+        sections.append(
+            ReportSection(
+                SLO_SECTION,
+                slo_table(held)
+                + "\n\nGoodput counts the requests (captions) that met every target themselves, per second of the "
+                "judged windows; a level meets the SLO when each target's percentile, failed requests counted as over, "
+                f"is within its limit. 'Not settled': the count of requests cannot show the answer at {CONFIDENCE:.0%} "
+                "confidence.",
+                data=[
+                    {"variant": variant, "level": level, **dataclasses.asdict(result)}
+                    for variant, level, result in held
+                ],
+            )
+        )
+    if session.capacity:
+        sections.append(
+            ReportSection(
+                CAPACITY_SECTION,
+                capacity_table(session.capacity)
+                + "\n\nEach probe is an open-loop level at that request rate, measured as every level is; it meets when "
+                "it is stable and within every target. The capacity is the highest rate met, the bracket how far above "
+                "it the search saw a miss.",
+                data=[{"variant": variant, **dataclasses.asdict(result)} for variant, result in session.capacity],
             )
         )
     if session.perf is not None and any(judged.measurement.load_workers for judged in session.perf.results):
