@@ -70,7 +70,8 @@ def main() -> None:
             }
             rate = found["capacity_per_s"]
             if rate and not args.no_rerun:
-                levels = f"{rate:.6g}:{rate * 1.15:.6g}:{rate * 0.15:.6g}"
+                # the end a hair above R + step, so that rounding the three numbers cannot drop the 1.15 R level
+                levels = f"{rate:.6g}:{rate * 1.15 * 1.001:.6g}:{rate * 0.15:.6g}"
                 rerun = pytest(
                     args, args.out / f"rerun-{round_index}-{found['variant']}", [found["variant"]],
                     "--concurrency", "1", "--request-rate", levels, "suite/test_perf.py",
