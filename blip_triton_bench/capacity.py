@@ -28,6 +28,8 @@ MAX_PROBES = 14
 #: Halving stops this far below the start: a variant that misses its SLO at 1/64 of its serial rate misses it
 #: at any rate worth serving.
 MAX_HALVINGS = 6
+#: Why a search stops rising where the client ceiling is not known.
+LOAD_GENERATOR_LIMIT = f"the most the load generator offers ({MAX_REQUEST_RATE:g} requests/s)"
 
 
 def capacity_level_id(slo_text: str) -> str:
@@ -111,7 +113,7 @@ def search_capacity(
     start_per_s: float,
     slo_text: str,
     max_per_s: float = MAX_REQUEST_RATE,
-    max_reason: str = f"the most the load generator offers ({MAX_REQUEST_RATE:g} requests/s)",
+    max_reason: str = LOAD_GENERATOR_LIMIT,
     precision_pct: float = DEFAULT_PRECISION_PCT,
     max_probes: int = MAX_PROBES,
 ) -> CapacityResult:
@@ -197,13 +199,13 @@ def probe_from_level(judged: JudgedLevel) -> Probe:
 def search_variant_capacity(
     run: PerfRun, variant: Variant, start_per_s: float, ceiling_per_s: float | None = None
 ) -> CapacityResult:
-    """Search `variant`'s capacity at its SLO on the run's server. Probes are measured and judged as request-rate
-    levels are (each lands in the run's results and the report), not against a stored baseline of their own. The
+    """Search `variant`'s capacity at its SLO on the run's server. Probes are measured as request-rate levels are and
+    held to the SLO only (PerfRun.probe_level): never judged against a baseline, never in the run's results. The
     client ceiling, when known, bounds the search: beyond it the load generator, not the server, is measured."""
     service_level = variant_service_level(variant, run.settings)
     if service_level is None:
         raise ValueError(f"{variant.name} has no SLO to search a capacity at")
-    max_per_s, max_reason = MAX_REQUEST_RATE, f"the most the load generator offers ({MAX_REQUEST_RATE:g} requests/s)"
+    max_per_s, max_reason = MAX_REQUEST_RATE, LOAD_GENERATOR_LIMIT
     if ceiling_per_s is not None and ceiling_per_s < max_per_s:
         max_per_s, max_reason = ceiling_per_s, f"the client ceiling ({ceiling_per_s:.3g} requests/s)"
 

@@ -13,11 +13,15 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import binom
 
 from blip_triton_bench.stats import WindowSample, latency_percentile
+
+if TYPE_CHECKING:
+    from blip_triton_bench.repository import Variant
 
 #: What a target can name, and what each is in words. Request latency is the time from sending (or, open loop,
 #: the scheduled send) to the answer; for a caption, to its last token.
@@ -106,6 +110,14 @@ def parse_slo(text: str, where: str = "--slo") -> ServiceLevel:
     if duplicated := sorted({key for key in keys if keys.count(key) > 1}):
         raise SLOError(f"{where}: {', '.join(duplicated)} given twice; give each target once")
     return ServiceLevel(tuple(targets))
+
+
+def config_service_level(variant: Variant) -> ServiceLevel | None:
+    """The variant's own bench_slo parameter as an SLO (SLOError naming its config file and field); None without one."""
+    parameter = variant.config.parameters.get(SLO_PARAMETER)
+    if parameter is None:
+        return None
+    return parse_slo(parameter.string_value, f"{variant.config_path}: parameters '{SLO_PARAMETER}'")
 
 
 @dataclass(frozen=True)

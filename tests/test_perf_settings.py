@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from blip_triton_bench.load import LoadSettings
-from blip_triton_bench.perf import PerfConfigError, PerfSettings, variant_levels, variant_tolerance_pct
+from blip_triton_bench.options import OptionError, check_variant_slos
+from blip_triton_bench.perf import (
+    PerfConfigError,
+    PerfSettings,
+    variant_levels,
+    variant_service_level,
+    variant_tolerance_pct,
+)
 from blip_triton_bench.repository import discover_variants, load_variant
 
 pytestmark = pytest.mark.unit
@@ -64,6 +71,27 @@ def test_bad_parameters_name_the_config_file(tmp_path: Path) -> None:
         PerfConfigError, match=r"parameters 'bench_tolerance_pct' 'lots': a tolerance must be a number of percent"
     ):
         variant_tolerance_pct(bad_tolerance, DEFAULTS)
+
+
+def test_a_configs_slo_is_read_overridden_by_slo_and_refused_naming_its_file_when_malformed(tmp_path: Path) -> None:
+    variant = variant_with(tmp_path, 'parameters { key: "bench_slo" value: { string_value: "latency_p99_ms=2000" } }')
+    assert variant_service_level(variant, DEFAULTS).text == "latency_p99_ms=2000"
+    overridden = PerfSettings(
+        load=LoadSettings(), concurrency=None, request_rate=None, tolerance_pct=None, slo="ttft_p50_ms=9"
+    )
+    assert variant_service_level(variant, overridden).text == "ttft_p50_ms=9"
+    (tmp_path / "none").mkdir()
+    assert variant_service_level(variant_with(tmp_path / "none", ""), DEFAULTS) is None  # no SLO: no goodput
+    check_variant_slos([variant])  # a good one passes the usage check
+    (tmp_path / "bad").mkdir()
+    bad = variant_with(
+        tmp_path / "bad", 'parameters { key: "bench_slo" value: { string_value: "latency_p99_ms=soon" } }'
+    )
+    named = r"v/config\.pbtxt: parameters 'bench_slo'"
+    with pytest.raises(PerfConfigError, match=named):
+        variant_service_level(bad, DEFAULTS)
+    with pytest.raises(OptionError, match=named):
+        check_variant_slos([variant, bad])
 
 
 def test_a_shared_memory_run_reads_and_records_baselines_of_its_own(tmp_path: Path) -> None:
