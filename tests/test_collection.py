@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,3 +40,17 @@ def test_after_deselection_only_the_served_variants_and_what_they_call_are_stage
 
 def test_nothing_is_staged_when_no_remaining_test_serves_a_variant() -> None:
     assert variants_under_test(plan(), [item()]) == []
+
+
+def test_loading_the_plugin_imports_neither_torch_nor_transformers() -> None:
+    """Every pytest process loads the plugin, and importing torch and transformers costs seconds (about 6 of a
+    10 s run that stops at a usage error): only a fixture that needs the model imports them."""
+    code = (
+        "import sys, importlib.metadata\n"
+        "(entry,) = [e for e in importlib.metadata.entry_points(group='pytest11') if e.name == 'blip_triton_bench']\n"
+        "entry.load()\n"
+        "print(sorted({'torch', 'transformers'} & {name.split('.')[0] for name in sys.modules}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert completed.stdout.strip() == "[]", completed.stdout

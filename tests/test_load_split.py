@@ -3,12 +3,13 @@ completion order, which completions a window holds, and the clock offset between
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, _Completions
-from blip_triton_bench.load_workers import WorkerPool, in_windows, split_level
+from blip_triton_bench.load_workers import WorkerDied, WorkerPool, _ended_by_worker_death, in_windows, split_level
 from blip_triton_bench.stats import WindowSample
 
 pytestmark = pytest.mark.unit
@@ -59,3 +60,45 @@ def test_the_clock_offset_is_measured_from_the_shortest_round_trip() -> None:
     offset_s, uncertainty_s = SkewedClock().clock_offset_s(0)
     assert offset_s == pytest.approx(5.0, abs=uncertainty_s + 1e-4)
     assert 0.002 <= uncertainty_s < 0.05
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+def test_a_worker_death_ends_the_measurement_at_once_and_cancels_it() -> None:
+    """The collector ends only by raising a worker's death. The windows wait for completions only the collector
+    merges, so they must not wait out their stretch for it: the death ends the measurement, which is cancelled."""
+    cancelled = asyncio.Event()
+
+    async def measuring() -> tuple[list[WindowSample], None]:
+        try:
+            await _forever()
+        finally:
+            cancelled.set()
+        return [], None
+
+    async def died() -> None:
+        raise WorkerDied("load worker 1 (pid 7) exited with code -9")
+
+    async def level() -> tuple[list[WindowSample], None]:
+        measured = _ended_by_worker_death(measuring(), asyncio.ensure_future(died()))
+        return await asyncio.wait_for(measured, timeout=60.0)  # a hang guard: the death must end it, not this
+
+    with pytest.raises(WorkerDied, match="exited with code -9"):
+        asyncio.run(level())
+    assert cancelled.is_set()
+
+
+def test_a_measurement_that_ends_while_every_worker_lives_is_returned() -> None:
+    async def measured() -> tuple[list[WindowSample], None]:
+        return [WindowSample(0.0, 1.0, (5.0,), 0)], None
+
+    async def level() -> tuple[list[WindowSample], None]:
+        collector = asyncio.ensure_future(_forever())
+        try:
+            return await _ended_by_worker_death(measured(), collector)
+        finally:
+            collector.cancel()
+
+    assert asyncio.run(level()) == ([WindowSample(0.0, 1.0, (5.0,), 0)], None)
