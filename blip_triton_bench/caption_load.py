@@ -36,9 +36,11 @@ from blip_triton_bench.load import (
 from blip_triton_bench.slo import INTER_TOKEN_LATENCY, LATENCY, TIME_TO_FIRST_TOKEN, RequestOutcome
 from blip_triton_bench.stats import (
     Stability,
+    StabilityTerms,
+    WindowRates,
     latency_percentile,
     spread_pct,
-    variation_pct,
+    stability_of,
 )
 
 CAPTION_CONCURRENCY = "caption_concurrency"
@@ -126,30 +128,17 @@ class CaptionWindow:
         return self.tokens_arrived / self.duration_s
 
 
+#: How the stability rule names a caption level's measures.
+CAPTION_TERMS = StabilityTerms(
+    throughput="output tokens/s", latency="mean caption latency", empty_window="ended no caption; lengthen --window-s"
+)
+
+
 def caption_stability(windows: Sequence[CaptionWindow], stability_windows: int, stability_pct: float) -> Stability:
-    """perf_analyzer's rule on the last `stability_windows` windows: each ended a caption, and output tokens/s and
-    mean caption latency each vary by at most `stability_pct` (max / min - 1)."""
-    indices = tuple(range(max(0, len(windows) - stability_windows), len(windows)))
-    judged = [windows[index] for index in indices]
-    throughputs = [window.tokens_per_s for window in judged]
-    latencies = [window.mean_latency_ms for window in judged]
-    throughput_variation = variation_pct(throughputs) if judged else math.nan
-    latency_variation = variation_pct(latencies) if judged else math.nan
-    span = f"across the last {stability_windows} windows (limit {stability_pct:g}%)"
-    reason = (
-        f"output tokens/s varied {throughput_variation:.1f}% and mean caption latency {latency_variation:.1f}% {span}"
-    )
-    if len(windows) < stability_windows:
-        reason = f"only {len(windows)} window(s) measured; stability needs the last {stability_windows}"
-    elif any(not math.isfinite(latency) for latency in latencies):
-        reason = "a judged window ended no caption; lengthen --window-s"
-    stable = (
-        len(windows) >= stability_windows
-        and all(math.isfinite(latency) for latency in latencies)
-        and throughput_variation <= stability_pct
-        and latency_variation <= stability_pct
-    )
-    return Stability(stable, indices, reason, throughput_variation, latency_variation)
+    """The one stability rule (stats.stability_of) on a caption level's windows: output tokens/s and mean caption
+    latency; a window that ended no caption is empty."""
+    rates = [WindowRates(window.tokens_per_s, window.mean_latency_ms) for window in windows]
+    return stability_of(rates, stability_windows, stability_pct, CAPTION_TERMS)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.baselines import BaselineError
 from blip_triton_bench.capacity import capacity_level_id, search_variant_capacity, start_rate_per_s
-from blip_triton_bench.perf import PerfRun, VariantStopped, enforce_verdict, variant_service_level
+from blip_triton_bench.fixtures.verdicts import enforce_measured_numbers
+from blip_triton_bench.perf import PerfRun, VariantStopped, variant_service_level
 from blip_triton_bench.proof import Judgement
 from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.slo import REQUEST_QUANTITIES
@@ -42,8 +42,4 @@ def test_capacity_at_the_slo(
     if not capacity.bracketed:
         judgement.not_judged(level_id, f"the search found no rate that misses the SLO: {capacity.limited_by}")
         return
-    try:
-        result = perf_run.judge_startup(variant, capacity.metrics(), level_id)
-    except BaselineError as error:
-        pytest.fail(str(error), pytrace=False)
-    enforce_verdict(result, perf_run, judgement)
+    enforce_measured_numbers(perf_run, judgement, variant, capacity.metrics(), level_id)

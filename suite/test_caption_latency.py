@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.baselines import BaselineError
 from blip_triton_bench.caption import Caption, CaptionerClient, caption_through_triton
 from blip_triton_bench.caption_latency import CAPTION_LEVEL, IN_PROCESS_WAY, CaptionLatency, in_process_key
 from blip_triton_bench.client import TritonInferClient
+from blip_triton_bench.fixtures.verdicts import enforce_measured_numbers
 from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.perf import PerfRun, enforce_verdict
+from blip_triton_bench.perf import PerfRun
 from blip_triton_bench.proof import Judgement
 from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.workload import load_image, preprocess
@@ -29,11 +29,7 @@ def judge(
 ) -> None:
     assert all(len(caption.generated_ids) == latency.output_tokens for caption in latency.captions)
     bench_session.caption_latency[served.name] = latency
-    try:
-        result = perf_run.judge_startup(served.variant, latency.metrics(), CAPTION_LEVEL)
-    except BaselineError as error:
-        pytest.fail(str(error), pytrace=False)
-    enforce_verdict(result, perf_run, judgement)
+    enforce_measured_numbers(perf_run, judgement, served.variant, latency.metrics(), CAPTION_LEVEL)
 
 
 def test_monolithic_caption_latency(

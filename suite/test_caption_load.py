@@ -12,11 +12,11 @@ import warnings
 
 import pytest
 
-from blip_triton_bench.baselines import BaselineError
 from blip_triton_bench.caption_load import caption_request_alone, measure_caption_level
+from blip_triton_bench.fixtures.verdicts import enforce_measured_numbers
 from blip_triton_bench.load import LoadLevel
 from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.perf import PerfRun, UnstableMeasurement, enforce_verdict
+from blip_triton_bench.perf import PerfRun, UnstableMeasurement
 from blip_triton_bench.proof import Judgement
 from blip_triton_bench.servers.served import ServedVariant
 from blip_triton_bench.slo import CAPTION_QUANTITIES
@@ -55,14 +55,8 @@ def test_caption_load(
             stacklevel=1,
         )
     outcomes, judged_s = measurement.slo_outcomes()
-    try:
-        slo = perf_run.service_level_result(
-            served_captioner.variant, outcomes, judged_s, CAPTION_QUANTITIES, "captions"
-        )
-        result = perf_run.judge_startup(
-            served_captioner.variant, measurement.metrics(), caption_load_level.level_id, slo
-        )
-    except BaselineError as error:
-        pytest.fail(str(error), pytrace=False)
+    slo = perf_run.service_level_result(served_captioner.variant, outcomes, judged_s, CAPTION_QUANTITIES, "captions")
     unstable = "" if measurement.stability.stable else measurement.stability.reason or "its windows never settled"
-    enforce_verdict(result, perf_run, judgement, unstable)
+    enforce_measured_numbers(
+        perf_run, judgement, served_captioner.variant, measurement.metrics(), caption_load_level.level_id, slo, unstable
+    )

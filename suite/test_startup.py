@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.baselines import BaselineError
+from blip_triton_bench.fixtures.verdicts import enforce_measured_numbers
 from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.perf import PerfRun, enforce_verdict
+from blip_triton_bench.perf import PerfRun
 from blip_triton_bench.proof import Judgement
 from blip_triton_bench.repository import StagedRepository
 from blip_triton_bench.servers.choice import ServerChoice
@@ -64,10 +64,5 @@ def test_startup_costs(
     inputs = build_inputs(model_description, 1, bench_options.sequence_length)
     warm_up = measure_warm_up(served_variant.server, served_variant.name, inputs, REPEATS)
     assert served_variant.server.is_model_ready(served_variant.name)  # left loaded for the tests after this one
-    try:
-        result = perf_run.judge_startup(served_variant.variant, {**cold_start.metrics(), **warm_up.metrics()})
-    except BaselineError as error:
-        pytest.fail(str(error), pytrace=False)
-
     assert all(seconds > 0 for seconds in warm_up.load_s)
-    enforce_verdict(result, perf_run, judgement)
+    enforce_measured_numbers(perf_run, judgement, served_variant.variant, {**cold_start.metrics(), **warm_up.metrics()})

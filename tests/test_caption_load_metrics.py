@@ -17,6 +17,7 @@ from blip_triton_bench.caption_load import (
 )
 from blip_triton_bench.load import LoadLevel, LoadSpecError
 from blip_triton_bench.report.text import caption_load_table, caption_scaling_lines
+from blip_triton_bench.stats import WindowSample, assess_stability
 
 pytestmark = pytest.mark.unit
 
@@ -126,3 +127,20 @@ def test_a_window_without_an_ended_caption_is_not_stable() -> None:
     assert not stability.stable
     assert "ended no caption" in stability.reason
     assert not caption_stability([full, full], 3, 10.0).stable  # too few windows
+
+
+@pytest.mark.parametrize(
+    ("rates", "stable"),
+    [((100, 110, 100), True), ((100, 111, 100), False), ((100, 100, 100), True)],
+    ids=["at-the-10%-limit", "past-it", "even"],
+)
+def test_caption_and_request_levels_are_held_to_one_stability_rule(rates: tuple[int, ...], stable: bool) -> None:
+    """perf_analyzer's max / min <= 1 + limit for both: at exactly 10 % (110 / 100, where max / min - 1 reads
+    10.000000000000009 % in floating point) a caption level is as stable as a request level."""
+    captions = [CaptionWindow(float(i), 1.0, rate, (record(i, i + 0.1, 0.05, 5),), 5) for i, rate in enumerate(rates)]
+    requests = [WindowSample(float(i), 1.0, (40.0,) * rate) for i, rate in enumerate(rates)]
+    by_captions = caption_stability(captions, 3, 10.0)
+    by_requests = assess_stability(requests, 3, 10.0)
+    assert by_captions.stable is by_requests.stable is stable, (by_captions.reason, by_requests.reason)
+    assert by_captions.throughput_variation_pct == by_requests.throughput_variation_pct
+    assert ("output tokens/s" in by_captions.reason) and ("throughput" in by_requests.reason)

@@ -54,3 +54,24 @@ def test_loading_the_plugin_imports_neither_torch_nor_transformers() -> None:
     root = Path(__file__).resolve().parents[1]
     completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "[]", completed.stdout
+
+
+def test_only_the_pytest_layer_imports_pytest() -> None:
+    """The package is usable without pytest: fixtures/ (installed as blip_triton_bench.fixtures) is its one
+    pytest layer; no module under blip_triton_bench/ imports pytest, at its top or inside a function."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "blip_triton_bench"
+    importing = []
+    for module in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(name.split(".")[0] in ("pytest", "_pytest") for name in names):
+                importing.append(str(module.relative_to(package.parent)))
+    assert importing == []

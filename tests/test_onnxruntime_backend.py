@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -92,3 +94,31 @@ def test_the_backend_loads_only_a_plain_model_file_inside_the_model_folder(backe
             backend.model_file_path(str(model_dir), "1", filename, "m")
     with pytest.raises(backend.BackendConfigError, match="outside the model's folder"):
         backend.model_file_path(str(model_dir), "1", "linked.onnx", "m")
+
+
+#: What the captioner's BLS model and the ONNX Runtime backend each carry of the stub's numpy 1 / numpy 2 handling:
+#: Triton loads one from the model repository and the other from the backend folder, so neither imports the other.
+SHARED_STUB_HELPERS = ("NUMPY_2", "to_triton", "from_triton")
+CAPTIONER_MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "blip_caption" / "1" / "model.py"
+
+
+def _top_level_definitions(path: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """The source of each named top-level function or assignment, as the AST prints it (comments and blank lines
+    do not count; a changed statement, argument or docstring does)."""
+    found = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name in names:
+            found[node.name] = ast.unparse(node)
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) in names for t in node.targets):
+            found[node.targets[0].id] = ast.unparse(node)  # type: ignore[attr-defined]
+    return found
+
+
+def test_the_two_python_models_carry_the_same_stub_helpers() -> None:
+    backend = _top_level_definitions(BACKEND_SOURCE / "model.py", SHARED_STUB_HELPERS)
+    captioner = _top_level_definitions(CAPTIONER_MODEL, SHARED_STUB_HELPERS)
+    assert sorted(backend) == sorted(captioner) == sorted(SHARED_STUB_HELPERS)
+    for name in SHARED_STUB_HELPERS:
+        assert backend[name] == captioner[name], (
+            f"{name} differs between {BACKEND_SOURCE / 'model.py'} and {CAPTIONER_MODEL}"
+        )

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from blip_triton_bench.baselines import BaselineStore
+from blip_triton_bench.fixtures.verdicts import enforce_verdict
 from blip_triton_bench.load import CONCURRENCY, LoadLevel
-from blip_triton_bench.perf import enforce_verdict
 from blip_triton_bench.proof import Judgement, Outcome
 from blip_triton_bench.recorded_repository import (
     RECORDED_REPOSITORY_DIRNAME,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from blip_triton_bench.baselines import CONTENT_DIGEST_FIELD, Baseline, BaselineError, BaselineStore
-from blip_triton_bench.perf import enforce_verdict, record_judgement
+from blip_triton_bench.fixtures.verdicts import enforce_verdict
+from blip_triton_bench.perf import record_judgement
 from blip_triton_bench.proof import Judgement, Outcome
 from blip_triton_bench.repository import discover_variants
 from blip_triton_bench.session import BenchSession
@@ -79,14 +80,14 @@ def test_a_verdict_against_a_baseline_recorded_under_other_software_names_both(t
     run.software = NOW
     variant = next(v for v in discover_variants(REPOSITORY_ROOT / "model_repository") if v.name == "base_model_cpu")
 
-    unchanged = run.judge_startup(variant, STARTUP | {"cold_start_s": 10.1})
+    unchanged = run.judge_measured_numbers(variant, STARTUP | {"cold_start_s": 10.1})
     assert unchanged.software_changes == ("onnxruntime 1.31.1 -> 1.32.0",)
     judgement = Judgement()
     record_judgement(unchanged, judgement)
     ((outcome, reason),) = [(o, r) for part, o, r in judgement.parts if part == "startup cold_start_s"]
     assert outcome is Outcome.PASS and "onnxruntime 1.31.1 -> 1.32.0" in reason
 
-    slower = run.judge_startup(variant, STARTUP | {"cold_start_s": 30.0})
+    slower = run.judge_measured_numbers(variant, STARTUP | {"cold_start_s": 30.0})
     with pytest.raises(AssertionError, match=r"(?s)regressed.*other software \(onnxruntime 1\.31\.1 -> 1\.32\.0\)"):
         enforce_verdict(slower, run, Judgement())
 
