@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
@@ -370,10 +370,11 @@ async def measure_with_workers(
                         await asyncio.sleep(COLLECT_INTERVAL_S / 4)
 
                 try:
-                    measuring = _ended_by_worker_death(
-                        _measure_windows(statistics_client, done, settings, caught_up), collector
+                    measuring = _measure_windows(statistics_client, done, settings, caught_up)
+                    # the collector ends only by raising a worker's death: that ends the level at once
+                    windows, server = await _watched(
+                        measuring, done, liveness, settings.request_timeout_s, guard=collector
                     )
-                    windows, server = await _watched(measuring, done, liveness, settings.request_timeout_s)
                 finally:
                     collector.cancel()
                     await asyncio.gather(collector, return_exceptions=True)
@@ -426,24 +427,6 @@ def loop_end(ends: Sequence[WorkerEnd | BaseException]) -> LoopEnd:
         held_sends=sum(end.held_sends for end in stopped),
         in_flight_cap=sum(caps) if caps else None,
     )
-
-
-async def _ended_by_worker_death(
-    measuring: Awaitable[tuple[list[WindowSample], ServerStatistics | None]], collector: asyncio.Task
-) -> tuple[list[WindowSample], ServerStatistics | None]:
-    """`measuring`'s result, unless a worker dies first: the collector ends only by raising that death
-    (WorkerDied), and it ends the level at once. Otherwise a window waiting for the requests it needs, which only
-    the collector merges, would wait out its whole stretch (window_s x MAX_WINDOW_STRETCH) before noticing."""
-    measure = asyncio.ensure_future(measuring)
-    try:
-        await asyncio.wait({measure, collector}, return_when=asyncio.FIRST_COMPLETED)
-        if not measure.done():
-            collector.result()  # raises the worker's death
-            raise RuntimeError("the load workers' collector ended without a cause")
-        return measure.result()
-    finally:
-        measure.cancel()
-        await asyncio.gather(measure, return_exceptions=True)
 
 
 async def _collect(pool: WorkerPool, used: range, collected: _Collected, done: _Completions) -> None:

@@ -161,7 +161,7 @@ class BenchSession:
         unproven = tuple(self.proof.unproven()) if require_judged else ()
         self.outcome = dataclasses.replace(self.outcome, unproven=unproven)
         perf = self.perf
-        measured = perf is not None and bool(perf.results or perf.startup_results or perf.failed_levels)
+        measured = perf is not None and bool(perf.results or perf.judged_numbers or perf.failed_levels)
         recorded = (
             measured
             or (self.ab is not None and self.ab.results)
@@ -212,7 +212,7 @@ class BenchSession:
                 perf.results if perf is not None else [],
                 self.in_process_infer_per_s,
                 self.notes,
-                perf.startup_results if perf is not None else [],
+                perf.judged_numbers if perf is not None else [],
                 session_sections(self, report_dir),
                 self.in_process,
                 self.min_serving_efficiency,
@@ -224,7 +224,7 @@ class BenchSession:
             tables = report_lines(
                 perf.results if perf is not None else [],
                 self.in_process_infer_per_s,
-                perf.startup_results if perf is not None else [],
+                perf.judged_numbers if perf is not None else [],
                 session_sections(self, None),
                 self.in_process,
                 self.min_serving_efficiency,

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, _Completions
-from blip_triton_bench.load_workers import WorkerDied, WorkerPool, _ended_by_worker_death, in_windows, split_level
+from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, _Completions, _watched
+from blip_triton_bench.load_workers import WorkerDied, WorkerPool, in_windows, split_level
 from blip_triton_bench.stats import WindowSample
 
 pytestmark = pytest.mark.unit
@@ -67,8 +67,9 @@ async def _forever() -> None:
 
 
 def test_a_worker_death_ends_the_measurement_at_once_and_cancels_it() -> None:
-    """The collector ends only by raising a worker's death. The windows wait for completions only the collector
-    merges, so they must not wait out their stretch for it: the death ends the measurement, which is cancelled."""
+    """The collector, the level's guard, ends only by raising a worker's death. The windows wait for completions
+    only the collector merges, so they must not wait out their stretch for it: the death ends the measurement,
+    which is cancelled."""
     cancelled = asyncio.Event()
 
     async def measuring() -> tuple[list[WindowSample], None]:
@@ -82,7 +83,7 @@ def test_a_worker_death_ends_the_measurement_at_once_and_cancels_it() -> None:
         raise WorkerDied("load worker 1 (pid 7) exited with code -9")
 
     async def level() -> tuple[list[WindowSample], None]:
-        measured = _ended_by_worker_death(measuring(), asyncio.ensure_future(died()))
+        measured = _watched(measuring(), _Completions(), None, 1.0, guard=asyncio.ensure_future(died()))
         return await asyncio.wait_for(measured, timeout=60.0)  # a hang guard: the death must end it, not this
 
     with pytest.raises(WorkerDied, match="exited with code -9"):
@@ -97,7 +98,7 @@ def test_a_measurement_that_ends_while_every_worker_lives_is_returned() -> None:
     async def level() -> tuple[list[WindowSample], None]:
         collector = asyncio.ensure_future(_forever())
         try:
-            return await _ended_by_worker_death(measured(), collector)
+            return await _watched(measured(), _Completions(), None, 1.0, guard=collector)
         finally:
             collector.cancel()
 

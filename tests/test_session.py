@@ -12,7 +12,7 @@ import pytest
 
 from blip_triton_bench.baselines import BaselineStore
 from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings
-from blip_triton_bench.perf import PerfRun, PerfSettings, StartupResult
+from blip_triton_bench.perf import JudgedNumbers, PerfRun, PerfSettings
 from blip_triton_bench.repository import discover_variants
 from blip_triton_bench.servers.base import ModelLoad, ServerStartError
 from blip_triton_bench.session import BenchSession
@@ -112,8 +112,8 @@ def test_a_variant_whose_baseline_cannot_be_written_does_not_stop_the_others(
     store = BaselineStore(tmp_path / "baselines")
     run = perf_run(store, fingerprint)
     session = gated_session(run, "unwritable", "not_finite", "fine")
-    run.startup_results.append(
-        StartupResult("not_finite", {"ttft_ms": float("nan")}, 10.0, Path("x.json"), None, (), level_id="caption")
+    run.judged_numbers.append(
+        JudgedNumbers("not_finite", {"ttft_ms": float("nan")}, 10.0, Path("x.json"), None, (), level_id="caption")
     )
     blocked = store.path_for(fingerprint, fingerprint.model_id, "unwritable")
     (blocked / "in_the_way").mkdir(parents=True)  # a directory where the file must go: the write is an OSError

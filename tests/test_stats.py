@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from blip_triton_bench import stats
 from blip_triton_bench.stats import (
     WindowSample,
     assess_stability,
@@ -93,6 +94,23 @@ def test_only_the_last_windows_count() -> None:
     assert stability.window_indices == (4, 5, 6)
     # ... and an early calm does not help when the last 3 disagree.
     assert not assess_stability([window(ips) for ips in (500, 505, 510, 500, 800)]).stable
+
+
+def test_only_the_judged_windows_are_summarised(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the load loop asks after every window: the windows before the last 3 are never read, so never summarised
+    summarised: list[WindowSample] = []
+    real = stats.summarize_window
+
+    def counted(sample: WindowSample) -> stats.WindowStats:
+        summarised.append(sample)
+        return real(sample)
+
+    monkeypatch.setattr(stats, "summarize_window", counted)
+    windows = [window(ips) for ips in (1, 1000, 500, 505, 510)]
+    stability = assess_stability(windows)
+    assert stability.stable
+    assert stability.window_indices == (2, 3, 4)
+    assert {id(sample) for sample in summarised} == {id(sample) for sample in windows[2:]}
 
 
 def test_too_few_windows_or_an_empty_window_is_not_stable() -> None:

@@ -14,7 +14,7 @@ from blip_triton_bench.capacity import CapacityResult
 from blip_triton_bench.caption_latency import CaptionLatency, speedup
 from blip_triton_bench.caption_load import CAPTION_CONCURRENCY, CaptionLevelMeasurement
 from blip_triton_bench.load import CONCURRENCY, OPEN_LOOP_BACKLOG_S, LevelMeasurement
-from blip_triton_bench.perf import STARTUP_LEVEL, FailedLevel, JudgedLevel, StartupResult
+from blip_triton_bench.perf import STARTUP_LEVEL, FailedLevel, JudgedLevel, JudgedNumbers
 from blip_triton_bench.resources import ResourceUsage
 from blip_triton_bench.selection import ServingEfficiency, VariantSummary
 from blip_triton_bench.slo import SLOResult
@@ -97,7 +97,7 @@ def csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, str]]) -> str:
     return stream.getvalue()
 
 
-def verdict_text(judged: JudgedLevel | StartupResult) -> str:
+def verdict_text(judged: JudgedLevel | JudgedNumbers) -> str:
     """One verdict text for every table: the worst metric's status and change against the baseline."""
     if isinstance(judged, JudgedLevel) and judged.capacity_probe:
         return "a capacity search's probe: held to the SLO only"
@@ -314,7 +314,7 @@ def failed_levels_table(failed: Sequence[FailedLevel]) -> str:
     return "\n".join(lines)
 
 
-def startup_table(results: Sequence[StartupResult]) -> str:
+def startup_table(results: Sequence[JudgedNumbers]) -> str:
     lines = [
         "| variant | cold start s | model load s | first request ms | steady request ms | vs baseline |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
@@ -364,7 +364,7 @@ def capacity_table(found: Sequence[tuple[str, CapacityResult]]) -> str:
     return "\n".join(lines)
 
 
-def slo_rows(results: Sequence[JudgedLevel | StartupResult]) -> list[tuple[str, str, SLOResult]]:
+def slo_rows(results: Sequence[JudgedLevel | JudgedNumbers]) -> list[tuple[str, str, SLOResult]]:
     """(variant, level, result) for every level judged against an SLO, request levels and caption levels alike."""
     return [(item.variant, item.level_id, item.slo) for item in results if item.slo is not None]
 

@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2
 from blip_triton_bench.caption_latency import inter_token_floor_lines
 from blip_triton_bench.efficiency import InProcessReference
 from blip_triton_bench.files import write_text_atomic
-from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, PerfRun, StartupResult
+from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, JudgedNumbers, PerfRun
 from blip_triton_bench.report.plots import (
     plot_ab,
     plot_accuracy_vs_speed,
@@ -132,7 +132,7 @@ def write_csv(path: Path, results: Sequence[JudgedLevel]) -> None:
     write_text_atomic(path, csv_text(CSV_COLUMNS, [csv_row(judged) for judged in results]))
 
 
-def _level_tables(results: Sequence[JudgedLevel], efficiencies, startup: Sequence[StartupResult]) -> tuple[str, str]:
+def _level_tables(results: Sequence[JudgedLevel], efficiencies, startup: Sequence[JudgedNumbers]) -> tuple[str, str]:
     """The load-level table (with resource notes) and the serving-efficiency table (with start-up)."""
     table = markdown_table(results) if results else "(no load level measured)"
     if notes_on_resources := resource_notes(results):
@@ -154,7 +154,7 @@ def _summary_lines(table: str, efficiency: str, sections: Sequence[ReportSection
 def report_lines(
     results: Sequence[JudgedLevel],
     in_process_infer_per_s: float | None,
-    startup: Sequence[StartupResult] = (),
+    startup: Sequence[JudgedNumbers] = (),
     sections: Sequence[ReportSection] = (),
     in_process: Mapping[str, InProcessReference] | None = None,
     min_ratios: Mapping[str, float] | None = None,
@@ -169,7 +169,7 @@ def write_report(
     results: Sequence[JudgedLevel],
     in_process_infer_per_s: float | None,
     notes: Sequence[str],
-    startup: Sequence[StartupResult] = (),
+    startup: Sequence[JudgedNumbers] = (),
     sections: Sequence[ReportSection] = (),
     in_process: Mapping[str, InProcessReference] | None = None,
     min_ratios: Mapping[str, float] | None = None,
@@ -200,7 +200,7 @@ def write_report(
 
 def software_changed(perf: PerfRun) -> list[tuple[str, str, tuple[str, ...]]]:
     """(variant, level, changes) for each level judged against a baseline recorded under other software."""
-    judged = [*perf.results, *perf.startup_results]
+    judged = [*perf.results, *perf.judged_numbers]
     return [(item.variant, item.level_id, item.software_changes) for item in judged if item.software_changes]
 
 
@@ -300,7 +300,7 @@ def session_sections(session: BenchSession, directory: Path | None) -> list[Repo
                 data=[level.to_dict() for level in ab_levels],
             )
         )
-    if session.perf is not None and (held := slo_rows([*session.perf.results, *session.perf.startup_results])):
+    if session.perf is not None and (held := slo_rows([*session.perf.results, *session.perf.judged_numbers])):
         sections.append(
             ReportSection(
                 SLO_SECTION,
