@@ -31,6 +31,13 @@ def our_containers() -> set[str]:
     return set(listed.stdout.split())
 
 
+def excerpt(output: str) -> str:
+    """The part of a child's output a failure should show: from a crash's "Fatal Python error" (the crashing
+    thread's stack, which the list of extension modules after it would push out of a plain tail), else the tail."""
+    crash = output.find("Fatal Python error")
+    return output[crash : crash + 6000] if crash >= 0 else output[-3000:]
+
+
 def processes_mentioning(text: str) -> list[str]:
     listed = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True)
     return [line for line in listed.stdout.splitlines() if "pgrep" not in line]
@@ -85,10 +92,10 @@ def test_a_signal_mid_level_leaves_no_server_behind_and_keeps_the_report(
         if process.poll() is None:
             process.kill()
     text = "".join(output)
-    assert "KeyboardInterrupt" in text, text[-3000:]  # SIGTERM is handled as an interrupt too
+    assert "KeyboardInterrupt" in text, excerpt(text)  # SIGTERM is handled as an interrupt too
     # The levels measured before the signal are in the report it still wrote.
     results = json.loads((tmp_path / "report" / "results.json").read_text())
-    assert results["levels"], text[-3000:]
+    assert results["levels"], excerpt(text)
     assert processes_mentioning(str(basetemp)) == []  # no tritonserver serving from this run's directories
     if server == "container":
         assert our_containers() - before == set()  # the run's own container is gone
@@ -113,8 +120,8 @@ def wait_for(process: subprocess.Popen, happened, what: str, log: Path, timeout_
     """Poll `happened` until true; fail naming `what` if the run ends first or the hang guard runs out."""
     deadline = time.monotonic() + timeout_s
     while not happened():
-        assert process.poll() is None, f"pytest ended before {what}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
+        assert process.poll() is None, f"pytest ended before {what}:\n{excerpt(log.read_text())}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s:\n{excerpt(log.read_text())}"
         time.sleep(0.05)
 
 
@@ -131,8 +138,8 @@ def test_sigterm_during_an_export_leaves_no_work_folder_and_no_partial_export(tm
         if process.poll() is None:
             process.kill()
     output = (tmp_path / "pytest.log").read_text()
-    assert process.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
-    assert "KeyboardInterrupt" in output, output[-3000:]
+    assert process.returncode == pytest.ExitCode.INTERRUPTED, excerpt(output)
+    assert "KeyboardInterrupt" in output, excerpt(output)
     assert list(cache.glob("*/.tmp-*")) == [], "the interrupted export's work folder was left in the cache"
     kept = [p.name for p in (cache / "exports").iterdir() if not p.name.endswith(".lock")]  # a lock is no export
     assert kept == [], "an interrupted export was kept as if complete"
@@ -153,7 +160,7 @@ def test_ctrl_c_mid_sweep_keeps_the_points_measured_in_its_report(tmp_path: Path
         if process.poll() is None:
             process.kill()
     output = (tmp_path / "pytest.log").read_text()
-    assert process.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+    assert process.returncode == pytest.ExitCode.INTERRUPTED, excerpt(output)
     rows = sweep_csv.read_text().splitlines()[1:]
     assert rows and rows[0].startswith("base_model_cpu__as_given,1,"), sweep_csv.read_text()
     results = json.loads((tmp_path / "report" / "results.json").read_text())  # the run's own report, written too
