@@ -9,12 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from blip_triton_bench.fixtures.collection import RunPlan, variants_under_test
-from blip_triton_bench.repository import discover_variants
+from blip_triton_bench.fixtures.collection import RunPlan, role_params, variants_under_test
+from blip_triton_bench.hardware import HostInfo
+from blip_triton_bench.repository import CAPTIONER_ROLE, LOGITS_ROLE, discover_variants, select_variants
 
 pytestmark = pytest.mark.unit
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+HOST = HostInfo("AMD EPYC", 2, (), ("CPUExecutionProvider",))
 
 
 def item(**params: object) -> SimpleNamespace:
@@ -40,6 +42,46 @@ def test_after_deselection_only_the_served_variants_and_what_they_call_are_stage
 
 def test_nothing_is_staged_when_no_remaining_test_serves_a_variant() -> None:
     assert variants_under_test(plan(), [item()]) == []
+
+
+@pytest.mark.parametrize(
+    ("chosen", "role", "reason"),
+    [
+        (["base_model_cpu"], CAPTIONER_ROLE, "no captioner selected: --variant base_model_cpu leaves out blip_caption"),
+        (["blip_caption"], LOGITS_ROLE, "no logits model (one forward pass per request) selected: --variant "
+         "blip_caption leaves out base_model_cpu, base_model_cpu_int8, base_model_gpu"),
+    ],
+)  # fmt: skip
+def test_a_role_left_out_by_variant_skips_its_tests_naming_what_was_left_out(
+    chosen: list[str], role: str, reason: str
+) -> None:
+    """Not pytest's "got empty parameter set", which names no variant and no option."""
+    repository = discover_variants(REPOSITORY)
+    variants = select_variants(repository, chosen)
+    run = RunPlan(
+        options=SimpleNamespace(variants=chosen, model_repository=REPOSITORY),
+        repository=repository,
+        variants=variants,
+        staged=variants,
+        server_choice=None,
+    )
+    (param,) = role_params(run, HOST, role)
+    assert param.values == (None,) and param.id == "none"
+    (skip,) = param.marks
+    assert skip.name == "skip" and skip.kwargs["reason"].startswith(reason)
+
+
+def test_a_repository_without_a_captioner_says_so() -> None:
+    repository = [variant for variant in discover_variants(REPOSITORY) if variant.role != CAPTIONER_ROLE]
+    run = RunPlan(
+        options=SimpleNamespace(variants=[], model_repository=REPOSITORY),
+        repository=repository,
+        variants=repository,
+        staged=repository,
+        server_choice=None,
+    )
+    (param,) = role_params(run, HOST, CAPTIONER_ROLE)
+    assert param.marks[0].kwargs["reason"] == f"{REPOSITORY} has no captioner"
 
 
 def test_loading_the_plugin_imports_neither_torch_nor_transformers() -> None:
