@@ -5,7 +5,7 @@ steps, so output tokens/s at N over 1 is at most
 
     (vision(1) + tokens * step(1)) / (vision(N) / N + tokens * step(N) / N)
 
-    .venv/bin/python docs/caption_step_costs.py --model base --tokens 20
+    .venv/bin/python scripts/caption_step_costs.py --model base --tokens 20
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 # then the split captioner with every model on the GPU (caption correctness, latency and load),
 # writing the report and the baselines it records under $OUT_DIR.
 #
-# usage: PARTS=/tmp/parts OUT_DIR=/tmp/out bash docs/gpu-host-run.sh [extra pytest arguments]
+# usage: PARTS=/tmp/parts OUT_DIR=/tmp/out bash scripts/gpu-host-run.sh [extra pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARTS=${PARTS:-/tmp/parts}

@@ -2,11 +2,11 @@
 is, by the A/B run and by a multi-run baseline. Runs the suite as a user would, alternating slowed and unchanged
 runs so drift hits both alike, and writes one CSV row per run plus the counts.
 
-    .venv/bin/python docs/verdict_acceptance.py ab --runs 20 --out /tmp/ab-acceptance
-    .venv/bin/python docs/verdict_acceptance.py ab --model base --delay-us 80000 --runs 5 --window-s 3 \
+    .venv/bin/python scripts/verdict_acceptance.py ab --runs 20 --out /tmp/ab-acceptance
+    .venv/bin/python scripts/verdict_acceptance.py ab --model base --delay-us 80000 --runs 5 --window-s 3 \
         --min-requests 3 --out /tmp/ab-acceptance-base
-    .venv/bin/python docs/verdict_acceptance.py baseline --baseline-runs 5 --runs 20 --out /tmp/baseline-acceptance
-    .venv/bin/python docs/verdict_acceptance.py replay --runs 20 --out /tmp/replay-acceptance
+    .venv/bin/python scripts/verdict_acceptance.py baseline --baseline-runs 5 --runs 20 --out /tmp/baseline-acceptance
+    .venv/bin/python scripts/verdict_acceptance.py replay --runs 20 --out /tmp/replay-acceptance
 
 replay: the baseline is recorded once (`--update-baselines`, which keeps the recorded repository in the store), then
 each run judges the repository with `--replay-baselines` (suite/test_perf.py and suite/test_ab.py), as a user would

@@ -6,7 +6,7 @@ suite's Ctrl-C/SIGTERM handler, and sends the process SIGINT after a random 0 to
 there: the `timeout` around it ends it, and the output shows "Exception ignored in:
 'grpc._cython.cygrpc.CallbackWrapper.functor_run'". docs/faults.md has the counts.
 
-    timeout 600 .venv/bin/python docs/interrupt_stress.py --rounds 150 --protocol grpc
+    timeout 600 .venv/bin/python scripts/interrupt_stress.py --rounds 150 --protocol grpc
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ the probe).
     PYTHONPATH=docs HOST_SPEED_THREADS=1 HOST_SPEED_SEGMENTS=70 HOST_SPEED_OUT=/tmp/probe-1.json \
         .venv/bin/pytest -p host_speed_experiment -p no:cacheprovider -q suite/test_perf.py --model tiny \
         --server local --variant base_model_cpu --concurrency 1 --baseline-dir /tmp/probe/b --report-dir /tmp/probe/r
-    .venv/bin/python docs/host_speed_experiment.py analyse /tmp/probe-1.json
+    .venv/bin/python scripts/host_speed_experiment.py analyse /tmp/probe-1.json
 
 Results: docs/measurements.md, "A host-speed probe does not follow the served throughput".
 """

@@ -3,8 +3,8 @@ runs the suite twice, as a user would: the search (suite/test_capacity.py, after
 from), then R and R x 1.15 as open-loop levels in one run (suite/test_perf.py --request-rate), each held to the same
 SLO. One CSV row per round: R, the bracket, and whether each rerun met the SLO, with its p99.
 
-    .venv/bin/python docs/capacity_acceptance.py --rounds 3 --out /tmp/capacity-tiny
-    .venv/bin/python docs/capacity_acceptance.py --model base --variant base_model_cpu --variant base_model_cpu_int8 \
+    .venv/bin/python scripts/capacity_acceptance.py --rounds 3 --out /tmp/capacity-tiny
+    .venv/bin/python scripts/capacity_acceptance.py --model base --variant base_model_cpu --variant base_model_cpu_int8 \
         --slo latency_p99_ms=2500 --window-s 5 --min-requests 5 --rounds 1 --no-rerun --out /tmp/capacity-base
 """
 

@@ -2,7 +2,7 @@
 BLIP's inputs and outputs, on the same server) with --load-workers 1, 2, ... side by side in one sitting,
 alternating, as a user would run the suite. Prints each run's ceiling, each worker's share, and the medians.
 
-    .venv/bin/python docs/client_ceiling_workers.py --workers 1 2 --repeats 3 --out /tmp/ceiling-workers
+    .venv/bin/python scripts/client_ceiling_workers.py --workers 1 2 --repeats 3 --out /tmp/ceiling-workers
 """
 
 from __future__ import annotations
