@@ -74,7 +74,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest $(TESTS_SERIAL) --durations=25 $(PYTEST_ARGS) || status=1; \
 	rm -rf $(TEST_BASELINES); \
 	$(VENV)/bin/pytest $(SUITE_PASS) --durations=25 $(PYTEST_ARGS) || status=1; \
-	if $(PYTHON) -c "from blip_triton_bench.servers.container import docker_available as a; raise SystemExit(not a())"; then \
+	if $(PYTHON) -c "from blip_triton_bench.servers.docker_engine import docker_available as a; raise SystemExit(not a())"; then \
 		$(VENV)/bin/pytest $(CONTAINER_PASS) --durations=25 $(PYTEST_ARGS) || status=1; \
 	else \
 		echo "No Docker engine answers: the container-provider pass was not run (start one: sudo server/docker_engine.sh)"; \

@@ -159,7 +159,7 @@ def remove_stale_containers(client: Any, host: str) -> list[str]:
     import docker
     import requests
 
-    from blip_triton_bench.servers.container import CONTAINER_LABEL
+    from blip_triton_bench.servers.docker_engine import CONTAINER_LABEL
 
     try:
         found = client.containers.list(all=True, filters={"label": CONTAINER_LABEL})
@@ -184,10 +184,10 @@ def remove_session_leftovers(cache_dir: Path, server_kind: str) -> list[str]:
     client = None
     if server_kind == "container":
         from blip_triton_bench.servers.base import ServerStartError
-        from blip_triton_bench.servers.container import _engine_client
+        from blip_triton_bench.servers.docker_engine import engine_client
 
         try:
-            client = _engine_client()
+            client = engine_client()
         except ServerStartError:
             client = None  # the provider says so itself when it starts
     try:

@@ -19,28 +19,30 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
+from typing import Any
 
 from blip_triton_bench.interrupts import die_with_parent
 from blip_triton_bench.load import (
     CONCURRENCY,
     DRAIN_TIMEOUT_S,
+    Completions,
     LevelAborted,
     LoadLevel,
     LoadSettings,
     LoopEnd,
     ServerStatistics,
-    _Completions,
-    _measure_windows,
-    _watched,
+    WorkerShare,
     drain_in_flight,
     keep_in_flight,
+    measure_windows,
     open_inferer,
     open_loop_in_flight_cap,
     output_slots,
     send_on_schedule,
+    watched,
 )
 from blip_triton_bench.shared_memory import NONE
 from blip_triton_bench.stats import WindowSample
@@ -55,7 +57,7 @@ START_TIMEOUT_S = 120.0
 #: Round trips per clock offset measurement: the one with the shortest round trip is used.
 CLOCK_PINGS = 8
 
-Record = tuple[float, float, bool]  # (latency reference, completed, succeeded), as load._Completions holds them
+Record = tuple[float, float, bool]  # (latency reference, completed, succeeded), as load.Completions holds them
 
 
 class WorkerDied(RuntimeError):
@@ -81,19 +83,6 @@ class WorkerEnd:
     in_flight_cap: int | None = None  # open loop: that cap
 
 
-@dataclass(frozen=True)
-class WorkerShare:
-    """One worker's part of a level, and what it delivered over the measured windows."""
-
-    name: str
-    host: str
-    level: LoadLevel
-    completed: int = 0  # successful requests that completed inside the level's windows
-    infer_per_s: float = math.nan  # those, per second of window
-    clock_offset_ms: float = 0.0
-    clock_uncertainty_ms: float = 0.0
-
-
 def split_level(level: LoadLevel, workers: int) -> list[LoadLevel]:
     """Each worker's share: the concurrency dealt out as evenly as whole requests allow (a worker with none is
     not used), or the rate divided evenly."""
@@ -117,7 +106,7 @@ class LoadWorker:
         self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: str | None = None
-        self._done = _Completions()
+        self._done = Completions()
         self._reported = 0
         self._abort = False
         self._unfinished = 0
@@ -238,6 +227,18 @@ class WorkerPool(abc.ABC):
                 best = (round_trip, remote - (sent + received) / 2)
         return best[1], best[0] / 2
 
+    def measure(
+        self,
+        url: str,
+        model_name: str,
+        inputs: ModelInputs,
+        level: LoadLevel,
+        settings: LoadSettings,
+        liveness: Callable[[], str | None] | None,
+    ) -> Coroutine[Any, Any, tuple[list[WindowSample], ServerStatistics | None, LoopEnd, list[WorkerShare]]]:
+        """load.LevelSplit's: the level run between this pool's workers (measure_with_workers)."""
+        return measure_with_workers(self, url, model_name, inputs, level, settings, liveness)
+
     def __enter__(self) -> WorkerPool:
         return self
 
@@ -338,7 +339,7 @@ async def measure_with_workers(
         used = range(len(shares))
         clocks = [await asyncio.to_thread(pool.clock_offset_s, index) for index in used]
         collected = _Collected([offset for offset, _ in clocks], [-math.inf] * len(shares), [[] for _ in shares])
-        done = _Completions()
+        done = Completions()
         started: list[int] = []
         aborted = True
         async with open_inferer(url, model_name, inputs, replace(settings, shared_memory=NONE)) as statistics_client:
@@ -370,9 +371,9 @@ async def measure_with_workers(
                         await asyncio.sleep(COLLECT_INTERVAL_S / 4)
 
                 try:
-                    measuring = _measure_windows(statistics_client, done, settings, caught_up)
+                    measuring = measure_windows(statistics_client, done, settings, caught_up)
                     # the collector ends only by raising a worker's death: that ends the level at once
-                    windows, server = await _watched(
+                    windows, server = await watched(
                         measuring, done, liveness, settings.request_timeout_s, guard=collector
                     )
                 finally:
@@ -429,7 +430,7 @@ def loop_end(ends: Sequence[WorkerEnd | BaseException]) -> LoopEnd:
     )
 
 
-async def _collect(pool: WorkerPool, used: range, collected: _Collected, done: _Completions) -> None:
+async def _collect(pool: WorkerPool, used: range, collected: _Collected, done: Completions) -> None:
     """Every COLLECT_INTERVAL_S: each worker's new completions, moved onto this clock and merged."""
     while True:
         for index in used:

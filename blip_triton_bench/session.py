@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test nee
     from blip_triton_bench.disconnects import AbandonOutcome
     from blip_triton_bench.efficiency import InProcessReference
     from blip_triton_bench.perf import PerfRun
+    from blip_triton_bench.report.write import ReportSection
 
 #: The key under which correctness outcomes of tests without a variant (export vs PyTorch) are kept.
 EXPORT_GATE = ""
@@ -203,7 +204,7 @@ class BenchSession:
     def _write_report(self, perf: PerfRun | None, report_dir: Path) -> str | None:
         """Write the report and keep its summary lines; on an OSError keep the tables and return what went wrong."""
         from blip_triton_bench.files import write_fix
-        from blip_triton_bench.report.write import report_lines, session_sections, write_report
+        from blip_triton_bench.report.write import report_lines, write_report
 
         try:
             report_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +214,7 @@ class BenchSession:
                 self.in_process_infer_per_s,
                 self.notes,
                 perf.judged_numbers if perf is not None else [],
-                session_sections(self, report_dir),
+                report_sections(self, report_dir),
                 self.in_process,
                 self.min_serving_efficiency,
             )
@@ -225,7 +226,7 @@ class BenchSession:
                 perf.results if perf is not None else [],
                 self.in_process_infer_per_s,
                 perf.judged_numbers if perf is not None else [],
-                session_sections(self, None),
+                report_sections(self, None),
                 self.in_process,
                 self.min_serving_efficiency,
             )
@@ -256,3 +257,175 @@ class BenchSession:
         if self.outcome.failed:
             lines.append(f"the run fails (exit status 1): {'; '.join(self.outcome.reasons())}")
         return lines
+
+
+def report_sections(session: BenchSession, directory: Path | None) -> list[ReportSection]:
+    """Caption latency, the pick-a-variant table and plot, and the sweep, from what the session's tests recorded.
+
+    `directory` None: no plot is drawn (the report could not be written; the tables still reach the summary).
+    """
+    from blip_triton_bench.caption_latency import inter_token_floor_lines
+    from blip_triton_bench.report.plots import plot_ab, plot_accuracy_vs_speed, plot_caption_load
+    from blip_triton_bench.report.text import (
+        ab_table,
+        capacity_table,
+        caption_load_table,
+        caption_ratio_lines,
+        caption_scaling_lines,
+        caption_table,
+        choice_table,
+        failed_levels_table,
+        load_side_table,
+        slo_rows,
+        slo_table,
+        throughput_ratio_lines,
+    )
+    from blip_triton_bench.report.write import (
+        CAPACITY_SECTION,
+        PROOF_SECTION,
+        SLO_SECTION,
+        ReportSection,
+        software_changed,
+    )
+    from blip_triton_bench.repository import LOGITS_ROLE
+    from blip_triton_bench.selection import summarize_variants
+    from blip_triton_bench.slo import CONFIDENCE
+
+    variants = session.variants
+    summaries = summarize_variants(
+        {variant.name: ("split" if variant.composing_models else variant.artifact) for variant in variants},
+        session.perf.results if session.perf is not None else [],
+        session.caption_latency,
+        session.accuracy,
+        session.caption_match,
+        session.variant_bytes(),
+        session.load_seconds(),
+    )
+    reference = next((v.name for v in variants if v.role == LOGITS_ROLE and v.artifact == "fp32"), None)
+    caption_ratios = caption_ratio_lines(summaries, session.caption_latency, reference)
+    sections = []
+    if session.caption_latency:
+        latencies = list(session.caption_latency.values())
+        sections.append(
+            ReportSection(
+                "Caption latency (genai-perf metrics)",
+                "\n\n".join(
+                    [caption_table(latencies), *caption_ratios, *inter_token_floor_lines(session.caption_latency)]
+                ),
+                data=[
+                    {"variant": item.variant, "way": item.way, "captions": len(item.captions), **item.metrics()}
+                    for item in latencies
+                ],
+            )
+        )
+    if session.caption_load:
+        plot = plot_caption_load(session.caption_load, directory) if directory is not None else None
+        sections.append(
+            ReportSection(
+                "Caption load (genai-perf metrics)",
+                "\n\n".join([caption_load_table(session.caption_load), *caption_scaling_lines(session.caption_load)]),
+                plots=(plot,) if plot else (),
+                data=[
+                    {"captioner": captioner, "level": measurement.level.level_id, **measurement.metrics()}
+                    for captioner, measurement in session.caption_load
+                ],
+            )
+        )
+    if summaries:
+        plot = plot_accuracy_vs_speed(summaries, directory) if directory is not None else None
+        sections.append(
+            ReportSection(
+                "Pick a variant",
+                "\n\n".join([choice_table(summaries), *throughput_ratio_lines(summaries, reference), *caption_ratios]),
+                plots=(plot,) if plot else (),
+                data=summaries,
+            )
+        )
+    if session.sweep_lines:
+        sections.append(ReportSection("Batching and instance sweep", "\n".join(session.sweep_lines)))
+    if session.disconnects:
+        sections.append(
+            ReportSection(
+                "Clients that leave mid-caption (--disconnect-stress)",
+                "\n".join(f"- {captioner}: {outcome.finding()}" for captioner, outcome in session.disconnects.items()),
+                data=[
+                    {"captioner": captioner, "finding": outcome.finding(), **outcome.to_dict()}
+                    for captioner, outcome in session.disconnects.items()
+                ],
+            )
+        )
+    if session.interrupted_during is not None:
+        sections.append(
+            ReportSection(
+                "Interrupted",
+                f"Ctrl-C or SIGTERM ended the run during {session.interrupted_during}: what finished before it is in "
+                "this report; what it interrupted is not.",
+                data=[{"during": session.interrupted_during}],
+            )
+        )
+    if session.server_deaths:
+        sections.append(
+            ReportSection(
+                "Server crashes",
+                "\n".join(f"- during {death.during}: {death.cause}" for death in session.server_deaths),
+                data=[{"during": d.during, "cause": d.cause, "replaced": d.replaced} for d in session.server_deaths],
+            )
+        )
+    if session.ab is not None and session.ab.results:
+        ab_levels = session.ab.results
+        plot = plot_ab(ab_levels, directory) if directory is not None else None
+        sections.append(
+            ReportSection(
+                "Before vs after (A/B, one interleaved run)",
+                ab_table(ab_levels),
+                plots=(plot,) if plot else (),
+                data=[level.to_dict() for level in ab_levels],
+            )
+        )
+    if session.perf is not None and (held := slo_rows([*session.perf.results, *session.perf.judged_numbers])):
+        sections.append(
+            ReportSection(
+                SLO_SECTION,
+                slo_table(held)
+                + "\n\nGoodput counts the requests (captions) that met every target themselves, per second of the "
+                "judged windows; a level meets the SLO when each target's percentile, failed requests counted as over, "
+                f"is within its limit. 'Not settled': the count of requests cannot show the answer at {CONFIDENCE:.0%} "
+                "confidence.",
+                data=[
+                    {"variant": variant, "level": level, **dataclasses.asdict(result)}
+                    for variant, level, result in held
+                ],
+            )
+        )
+    if session.capacity:
+        sections.append(
+            ReportSection(
+                CAPACITY_SECTION,
+                capacity_table(session.capacity)
+                + "\n\nEach probe is an open-loop level at that request rate, measured as every level is; it meets when "
+                "it is stable and within every target. The capacity is the highest rate met, the bracket how far above "
+                "it the search saw a miss.",
+                data=[{"variant": variant, **dataclasses.asdict(result)} for variant, result in session.capacity],
+            )
+        )
+    if session.perf is not None and any(judged.measurement.load_workers for judged in session.perf.results):
+        sections.append(ReportSection("Load side (--load-workers)", load_side_table(session.perf.results)))
+    if session.perf is not None and session.perf.failed_levels:
+        failed = session.perf.failed_levels
+        sections.append(
+            ReportSection("Levels not measured", failed_levels_table(failed), data=[f.to_dict() for f in failed])
+        )
+    if session.perf is not None and (changed := software_changed(session.perf)):
+        sections.append(
+            ReportSection(
+                "Software changed since the baselines",
+                "\n".join(f"- {variant} {level}: {'; '.join(changes)}" for variant, level, changes in changed)
+                + "\n\nA change judged against these baselines may be the upgrade, not the repository.",
+                data=[{"variant": v, "level": level, "changes": list(changes)} for v, level, changes in changed],
+            )
+        )
+    if session.proof.findings:
+        sections.append(
+            ReportSection(PROOF_SECTION, session.proof.markdown(), data=session.proof.to_dicts(), in_summary=False)
+        )
+    return sections

@@ -21,9 +21,9 @@ from onnx import numpy_helper
 
 from blip_triton_bench.agreement import measure_agreement
 from blip_triton_bench.export import export_model
+from blip_triton_bench.files import default_cache_dir
 from blip_triton_bench.half_precision import DEFAULT_RECIPE, HalfPrecisionRecipe, convert_model_to_fp16
 from blip_triton_bench.model import ModelSpec, load_model
-from blip_triton_bench.options import default_cache_dir
 from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
 
 IMAGES = ("astronaut", "coffee", "chelsea", "camera", "rocket")

@@ -22,10 +22,11 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
 from blip_triton_bench.correctness import TOLERANCES, assert_close
+from blip_triton_bench.files import default_cache_dir
 from blip_triton_bench.image import CONTENT_HASH_LABEL, BuiltImage, ImageBuildError, ensure_image
-from blip_triton_bench.options import default_cache_dir
 from blip_triton_bench.servers.base import ServerStartError
-from blip_triton_bench.servers.container import CONTAINER_LABEL, ContainerProvider, docker_available
+from blip_triton_bench.servers.container import ContainerProvider
+from blip_triton_bench.servers.docker_engine import CONTAINER_LABEL, docker_available
 
 pytestmark = [
     pytest.mark.server,

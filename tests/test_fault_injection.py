@@ -281,8 +281,8 @@ def hand_started_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     """tritonserver as a user starts it: default model control (every model in the repository loaded at start,
     none loadable afterwards), ports other than 8000/8001/8002, nothing of the suite's provider code."""
     from blip_triton_bench.export import export_model
+    from blip_triton_bench.files import default_cache_dir
     from blip_triton_bench.model import ModelSpec, load_model
-    from blip_triton_bench.options import default_cache_dir
     from blip_triton_bench.repository import discover_variants, stage_repository
     from blip_triton_bench.servers.local import BACKEND_SOURCE, build_backend_directory, free_port, pytriton_paths
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.servers.container import CONTAINER_LABEL, docker_available
+from blip_triton_bench.servers.docker_engine import CONTAINER_LABEL, docker_available
 
 pytestmark = pytest.mark.faults
 

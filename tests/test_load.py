@@ -8,9 +8,9 @@ import pytest
 from blip_triton_bench.load import (
     CONCURRENCY,
     REQUEST_RATE,
+    Completions,
     LoadLevel,
     LoadSpecError,
-    _Completions,
     arrival_gaps_s,
     concurrency_levels,
     parse_range,
@@ -76,7 +76,7 @@ def test_constant_and_poisson_arrivals() -> None:
 
 
 def test_windows_take_requests_by_completion_time_and_latency_from_the_reference_time() -> None:
-    done = _Completions()
+    done = Completions()
     # (reference time, completion time, succeeded): the reference is the send (closed loop) or the
     # scheduled send (open loop), so a late request carries its queueing in its latency.
     done.records.extend([(0.0, 0.5, True), (0.2, 1.2, True), (1.0, 1.5, False), (0.5, 2.1, True)])
@@ -164,7 +164,7 @@ def test_an_open_loop_at_its_in_flight_cap_waits_and_counts_the_wait_as_latency(
     cap, rate_per_s, hold_s = 5, 1000.0, 0.1
     peak = 0
 
-    async def scenario() -> tuple[_Completions, float]:
+    async def scenario() -> tuple[Completions, float]:
         nonlocal peak
         released = asyncio.Event()
         running = 0
@@ -176,7 +176,7 @@ def test_an_open_loop_at_its_in_flight_cap_waits_and_counts_the_wait_as_latency(
             await released.wait()
             running -= 1
 
-        done, in_flight = _Completions(), set()
+        done, in_flight = Completions(), set()
         sending = asyncio.create_task(send_on_schedule(infer, rate_per_s, LoadSettings(), done, in_flight, cap))
         await asyncio.sleep(hold_s)  # the first `cap` requests never end in this time: the next send waits
         assert len(in_flight) == cap

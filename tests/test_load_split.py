@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, _Completions, _watched
+from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, Completions, LoadLevel, watched
 from blip_triton_bench.load_workers import WorkerDied, WorkerPool, in_windows, split_level
 from blip_triton_bench.stats import WindowSample
 
@@ -23,7 +23,7 @@ def test_concurrency_is_dealt_out_in_whole_requests_and_a_rate_divided() -> None
 
 
 def test_batches_from_two_workers_merge_in_completion_order_and_wake_the_watchdog() -> None:
-    done = _Completions()
+    done = Completions()
     done.merge([(0.0, 1.0, True), (0.5, 3.0, True)], set(), "")
     assert not done.failed.is_set()
     done.merge([(1.0, 2.0, True), (2.5, 4.0, False)], {"connection"}, "connection refused")
@@ -83,7 +83,7 @@ def test_a_worker_death_ends_the_measurement_at_once_and_cancels_it() -> None:
         raise WorkerDied("load worker 1 (pid 7) exited with code -9")
 
     async def level() -> tuple[list[WindowSample], None]:
-        measured = _watched(measuring(), _Completions(), None, 1.0, guard=asyncio.ensure_future(died()))
+        measured = watched(measuring(), Completions(), None, 1.0, guard=asyncio.ensure_future(died()))
         return await asyncio.wait_for(measured, timeout=60.0)  # a hang guard: the death must end it, not this
 
     with pytest.raises(WorkerDied, match="exited with code -9"):
@@ -98,7 +98,7 @@ def test_a_measurement_that_ends_while_every_worker_lives_is_returned() -> None:
     async def level() -> tuple[list[WindowSample], None]:
         collector = asyncio.ensure_future(_forever())
         try:
-            return await _watched(measured(), _Completions(), None, 1.0, guard=collector)
+            return await watched(measured(), Completions(), None, 1.0, guard=collector)
         finally:
             collector.cancel()
 

@@ -15,7 +15,7 @@ import pytest
 
 from blip_triton_bench.hardware import query_gpus
 from blip_triton_bench.load import MAX_WINDOW_STRETCH
-from blip_triton_bench.servers.container import docker_available
+from blip_triton_bench.servers.docker_engine import docker_available
 from tests.suite_runs import REPOSITORY_ROOT, Suite
 
 pytestmark = pytest.mark.e2e

@@ -9,51 +9,33 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tritonclient.grpc import model_config_pb2
 
-from blip_triton_bench.caption_latency import inter_token_floor_lines
 from blip_triton_bench.efficiency import InProcessReference
 from blip_triton_bench.files import write_text_atomic
 from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, JudgedNumbers, PerfRun
 from blip_triton_bench.report.plots import (
-    plot_ab,
-    plot_accuracy_vs_speed,
-    plot_caption_load,
     plot_frontier,
     plot_levels,
     plot_resources,
 )
 from blip_triton_bench.report.text import (
     CSV_COLUMNS,
-    ab_table,
     budget_text,
-    capacity_table,
-    caption_load_table,
-    caption_ratio_lines,
-    caption_scaling_lines,
-    caption_table,
-    choice_table,
     csv_row,
     csv_text,
     efficiency_table,
-    failed_levels_table,
     failure_text,
-    load_side_table,
     markdown_table,
     resource_notes,
-    slo_rows,
-    slo_table,
     startup_table,
     sweep_csv,
     sweep_markdown,
-    throughput_ratio_lines,
     winner_sentence,
 )
-from blip_triton_bench.repository import LOGITS_ROLE
-from blip_triton_bench.selection import serving_efficiency, summarize_variants
-from blip_triton_bench.slo import CONFIDENCE
+from blip_triton_bench.selection import serving_efficiency
 from blip_triton_bench.sweep import (
     SweepFailure,
     SweepMeasurement,
@@ -63,9 +45,6 @@ from blip_triton_bench.sweep import (
     ordered_measurements,
     pareto_frontier,
 )
-
-if TYPE_CHECKING:
-    from blip_triton_bench.session import BenchSession
 
 SWEEP_CSV = "sweep.csv"
 SWEEP_MARKDOWN = "sweep.md"
@@ -202,151 +181,6 @@ def software_changed(perf: PerfRun) -> list[tuple[str, str, tuple[str, ...]]]:
     """(variant, level, changes) for each level judged against a baseline recorded under other software."""
     judged = [*perf.results, *perf.judged_numbers]
     return [(item.variant, item.level_id, item.software_changes) for item in judged if item.software_changes]
-
-
-def session_sections(session: BenchSession, directory: Path | None) -> list[ReportSection]:
-    """Caption latency, the pick-a-variant table and plot, and the sweep, from what the session's tests recorded.
-
-    `directory` None: no plot is drawn (the report could not be written; the tables still reach the summary).
-    """
-    variants = session.variants
-    summaries = summarize_variants(
-        {variant.name: ("split" if variant.composing_models else variant.artifact) for variant in variants},
-        session.perf.results if session.perf is not None else [],
-        session.caption_latency,
-        session.accuracy,
-        session.caption_match,
-        session.variant_bytes(),
-        session.load_seconds(),
-    )
-    reference = next((v.name for v in variants if v.role == LOGITS_ROLE and v.artifact == "fp32"), None)
-    caption_ratios = caption_ratio_lines(summaries, session.caption_latency, reference)
-    sections = []
-    if session.caption_latency:
-        latencies = list(session.caption_latency.values())
-        sections.append(
-            ReportSection(
-                "Caption latency (genai-perf metrics)",
-                "\n\n".join(
-                    [caption_table(latencies), *caption_ratios, *inter_token_floor_lines(session.caption_latency)]
-                ),
-                data=[
-                    {"variant": item.variant, "way": item.way, "captions": len(item.captions), **item.metrics()}
-                    for item in latencies
-                ],
-            )
-        )
-    if session.caption_load:
-        plot = plot_caption_load(session.caption_load, directory) if directory is not None else None
-        sections.append(
-            ReportSection(
-                "Caption load (genai-perf metrics)",
-                "\n\n".join([caption_load_table(session.caption_load), *caption_scaling_lines(session.caption_load)]),
-                plots=(plot,) if plot else (),
-                data=[
-                    {"captioner": captioner, "level": measurement.level.level_id, **measurement.metrics()}
-                    for captioner, measurement in session.caption_load
-                ],
-            )
-        )
-    if summaries:
-        plot = plot_accuracy_vs_speed(summaries, directory) if directory is not None else None
-        sections.append(
-            ReportSection(
-                "Pick a variant",
-                "\n\n".join([choice_table(summaries), *throughput_ratio_lines(summaries, reference), *caption_ratios]),
-                plots=(plot,) if plot else (),
-                data=summaries,
-            )
-        )
-    if session.sweep_lines:
-        sections.append(ReportSection("Batching and instance sweep", "\n".join(session.sweep_lines)))
-    if session.disconnects:
-        sections.append(
-            ReportSection(
-                "Clients that leave mid-caption (--disconnect-stress)",
-                "\n".join(f"- {captioner}: {outcome.finding()}" for captioner, outcome in session.disconnects.items()),
-                data=[
-                    {"captioner": captioner, "finding": outcome.finding(), **outcome.to_dict()}
-                    for captioner, outcome in session.disconnects.items()
-                ],
-            )
-        )
-    if session.interrupted_during is not None:
-        sections.append(
-            ReportSection(
-                "Interrupted",
-                f"Ctrl-C or SIGTERM ended the run during {session.interrupted_during}: what finished before it is in "
-                "this report; what it interrupted is not.",
-                data=[{"during": session.interrupted_during}],
-            )
-        )
-    if session.server_deaths:
-        sections.append(
-            ReportSection(
-                "Server crashes",
-                "\n".join(f"- during {death.during}: {death.cause}" for death in session.server_deaths),
-                data=[{"during": d.during, "cause": d.cause, "replaced": d.replaced} for d in session.server_deaths],
-            )
-        )
-    if session.ab is not None and session.ab.results:
-        ab_levels = session.ab.results
-        plot = plot_ab(ab_levels, directory) if directory is not None else None
-        sections.append(
-            ReportSection(
-                "Before vs after (A/B, one interleaved run)",
-                ab_table(ab_levels),
-                plots=(plot,) if plot else (),
-                data=[level.to_dict() for level in ab_levels],
-            )
-        )
-    if session.perf is not None and (held := slo_rows([*session.perf.results, *session.perf.judged_numbers])):
-        sections.append(
-            ReportSection(
-                SLO_SECTION,
-                slo_table(held)
-                + "\n\nGoodput counts the requests (captions) that met every target themselves, per second of the "
-                "judged windows; a level meets the SLO when each target's percentile, failed requests counted as over, "
-                f"is within its limit. 'Not settled': the count of requests cannot show the answer at {CONFIDENCE:.0%} "
-                "confidence.",
-                data=[
-                    {"variant": variant, "level": level, **dataclasses.asdict(result)}
-                    for variant, level, result in held
-                ],
-            )
-        )
-    if session.capacity:
-        sections.append(
-            ReportSection(
-                CAPACITY_SECTION,
-                capacity_table(session.capacity)
-                + "\n\nEach probe is an open-loop level at that request rate, measured as every level is; it meets when "
-                "it is stable and within every target. The capacity is the highest rate met, the bracket how far above "
-                "it the search saw a miss.",
-                data=[{"variant": variant, **dataclasses.asdict(result)} for variant, result in session.capacity],
-            )
-        )
-    if session.perf is not None and any(judged.measurement.load_workers for judged in session.perf.results):
-        sections.append(ReportSection("Load side (--load-workers)", load_side_table(session.perf.results)))
-    if session.perf is not None and session.perf.failed_levels:
-        failed = session.perf.failed_levels
-        sections.append(
-            ReportSection("Levels not measured", failed_levels_table(failed), data=[f.to_dict() for f in failed])
-        )
-    if session.perf is not None and (changed := software_changed(session.perf)):
-        sections.append(
-            ReportSection(
-                "Software changed since the baselines",
-                "\n".join(f"- {variant} {level}: {'; '.join(changes)}" for variant, level, changes in changed)
-                + "\n\nA change judged against these baselines may be the upgrade, not the repository.",
-                data=[{"variant": v, "level": level, "changes": list(changes)} for v, level, changes in changed],
-            )
-        )
-    if session.proof.findings:
-        sections.append(
-            ReportSection(PROOF_SECTION, session.proof.markdown(), data=session.proof.to_dicts(), in_summary=False)
-        )
-    return sections
 
 
 # ------------------------------------------------------------------------------------------ the sweep
