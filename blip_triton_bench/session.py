@@ -12,23 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blip_triton_bench.proof import RunProof
-from blip_triton_bench.repository import Variant
+from blip_triton_bench.judging.proof import RunProof
+from blip_triton_bench.repository.variants import Variant
 from blip_triton_bench.servers.base import ModelLoad, RunningServer, ServerStartError
 from blip_triton_bench.servers.supervised import ServerDeath
 
 if TYPE_CHECKING:  # torch, onnxruntime and matplotlib load only when a test needs them
     from collections.abc import Callable
 
-    from blip_triton_bench.ab import ABRun
-    from blip_triton_bench.agreement import Agreement
-    from blip_triton_bench.capacity import CapacityResult
-    from blip_triton_bench.caption_latency import CaptionLatency
-    from blip_triton_bench.caption_load import CaptionLevelMeasurement
-    from blip_triton_bench.disconnects import AbandonOutcome
-    from blip_triton_bench.efficiency import InProcessReference
-    from blip_triton_bench.perf import PerfRun
+    from blip_triton_bench.captioning.disconnects import AbandonOutcome
+    from blip_triton_bench.captioning.latency import CaptionLatency
+    from blip_triton_bench.captioning.load import CaptionLevelMeasurement
+    from blip_triton_bench.judging.agreement import Agreement
+    from blip_triton_bench.judging.efficiency import InProcessReference
     from blip_triton_bench.report.write import ReportSection
+    from blip_triton_bench.runs.ab import ABRun
+    from blip_triton_bench.runs.capacity import CapacityResult
+    from blip_triton_bench.runs.perf import PerfRun
 
 #: The key under which correctness outcomes of tests without a variant (export vs PyTorch) are kept.
 EXPORT_GATE = ""
@@ -137,6 +137,10 @@ class BenchSession:
         """Keep the first load of `name`: another parametrization asking again gets Triton's instant answer."""
         return self.model_loads.setdefault(name, load)
 
+    def record_failed_load(self, name: str, error: ServerStartError) -> None:
+        """`name` failed to load (replacing an earlier load of it): the correctness gate and report show why."""
+        self.model_loads[name] = error
+
     def load_seconds(self) -> dict[str, float]:
         """Load time per model; a variant's includes the models it calls (a BLS captioner's encoder and decoder)."""
         loads = {name: load.load_s for name, load in self.model_loads.items() if isinstance(load, ModelLoad)}
@@ -177,7 +181,7 @@ class BenchSession:
         )
         if not recorded:
             return self.outcome  # server deaths are in it already
-        from blip_triton_bench.perf import record_baselines
+        from blip_triton_bench.runs.perf import record_baselines
 
         not_written: tuple[str, ...] = ()
         if update_baselines and perf is not None:
@@ -194,7 +198,7 @@ class BenchSession:
     def _keep_repository(self, perf: PerfRun) -> Callable[[str], list[str]] | None:
         """Keeps a recorded variant's folder, and those of the models it calls, in the store's recorded-repository/;
         None when the session was not told the repository (nothing to copy from)."""
-        from blip_triton_bench.recorded_repository import keep_recorded, recorded_repository_path
+        from blip_triton_bench.repository.recorded import keep_recorded, recorded_repository_path
 
         if not self.repository:
             return None
@@ -203,7 +207,7 @@ class BenchSession:
 
     def _write_report(self, perf: PerfRun | None, report_dir: Path) -> str | None:
         """Write the report and keep its summary lines; on an OSError keep the tables and return what went wrong."""
-        from blip_triton_bench.files import write_fix
+        from blip_triton_bench.host.files import write_fix
         from blip_triton_bench.report.write import report_lines, write_report
 
         try:
@@ -264,8 +268,10 @@ def report_sections(session: BenchSession, directory: Path | None) -> list[Repor
 
     `directory` None: no plot is drawn (the report could not be written; the tables still reach the summary).
     """
-    from blip_triton_bench.caption_latency import inter_token_floor_lines
+    from blip_triton_bench.captioning.latency import inter_token_floor_lines
+    from blip_triton_bench.judging.slo import CONFIDENCE
     from blip_triton_bench.report.plots import plot_ab, plot_accuracy_vs_speed, plot_caption_load
+    from blip_triton_bench.report.selection import summarize_variants
     from blip_triton_bench.report.text import (
         ab_table,
         capacity_table,
@@ -287,9 +293,7 @@ def report_sections(session: BenchSession, directory: Path | None) -> list[Repor
         ReportSection,
         software_changed,
     )
-    from blip_triton_bench.repository import LOGITS_ROLE
-    from blip_triton_bench.selection import summarize_variants
-    from blip_triton_bench.slo import CONFIDENCE
+    from blip_triton_bench.repository.variants import LOGITS_ROLE
 
     variants = session.variants
     summaries = summarize_variants(

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from blip_triton_bench.files import default_cache_dir
-from blip_triton_bench.model import ModelSpec, load_model
-from blip_triton_bench.split_export import VISION_OUTPUTS, export_split_model
+from blip_triton_bench.host.files import default_cache_dir
+from blip_triton_bench.model.source import ModelSpec, load_model
+from blip_triton_bench.model.split_export import VISION_OUTPUTS, export_split_model
 
 BATCHES = (1, 2, 4)
 PAST_LENGTH = 10  # a step halfway through a 20-token caption

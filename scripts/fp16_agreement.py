@@ -1,6 +1,6 @@
-"""How far the FP16 artifact (blip_triton_bench/half_precision.py) moves BLIP's logits from the FP32 export, on real
+"""How far the FP16 artifact (blip_triton_bench/model/half_precision.py) moves BLIP's logits from the FP32 export, on real
 images, and how far broken FP16 artifacts move them: the basis of the `fp16_vs_fp32` threshold in
-blip_triton_bench/correctness.py. In process, ONNX Runtime on this host's CPU, which runs the FP16 graph with FP16
+blip_triton_bench/judging/correctness.py. In process, ONNX Runtime on this host's CPU, which runs the FP16 graph with FP16
 weights and FP16 tensors between operators (operators it has no FP16 kernel for compute in FP32 between Casts,
 as ONNX Runtime's CUDA kernels accumulate GEMMs, LayerNorm and Softmax in FP32).
 
@@ -19,12 +19,12 @@ import onnx
 import onnxruntime
 from onnx import numpy_helper
 
-from blip_triton_bench.agreement import measure_agreement
-from blip_triton_bench.export import export_model
-from blip_triton_bench.files import default_cache_dir
-from blip_triton_bench.half_precision import DEFAULT_RECIPE, HalfPrecisionRecipe, convert_model_to_fp16
-from blip_triton_bench.model import ModelSpec, load_model
-from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
+from blip_triton_bench.host.files import default_cache_dir
+from blip_triton_bench.judging.agreement import measure_agreement
+from blip_triton_bench.model.export import export_model
+from blip_triton_bench.model.half_precision import DEFAULT_RECIPE, HalfPrecisionRecipe, convert_model_to_fp16
+from blip_triton_bench.model.source import ModelSpec, load_model
+from blip_triton_bench.model.workload import ModelInputs, load_image, preprocess, token_ids
 
 IMAGES = ("astronaut", "coffee", "chelsea", "camera", "rocket")
 TOKENS = 16

@@ -85,7 +85,7 @@ def probe(unit: Callable[[], None]) -> float:
 
 
 def pytest_configure(config) -> None:
-    from blip_triton_bench import perf
+    from blip_triton_bench.runs import perf
 
     measure_level = perf.measure_level
     threads = int(os.environ.get("HOST_SPEED_THREADS", "1"))

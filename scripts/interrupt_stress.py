@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from blip_triton_bench.interrupts import signals_as_interrupt  # noqa: E402
-from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings, measure_level  # noqa: E402
+from blip_triton_bench.host.interrupts import signals_as_interrupt  # noqa: E402
+from blip_triton_bench.load.engine import CONCURRENCY, LoadLevel, LoadSettings, measure_level  # noqa: E402
 from blip_triton_bench.servers.local import LocalProvider  # noqa: E402
 from tests.test_load_end_to_end import CONFIG, MODEL, inputs  # noqa: E402
 

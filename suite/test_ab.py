@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.ab import ABLevel, ABRoundFailed, ABRun
-from blip_triton_bench.load import LevelAborted, LoadLevel
-from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.proof import Judgement, Outcome
+from blip_triton_bench.judging.proof import Judgement, Outcome
+from blip_triton_bench.load.engine import LevelAborted, LoadLevel
+from blip_triton_bench.model.source import ModelDescription
+from blip_triton_bench.model.workload import load_image, preprocess
+from blip_triton_bench.runs.ab import ABLevel, ABRoundFailed, ABRun
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = [pytest.mark.perf, pytest.mark.ab]
 

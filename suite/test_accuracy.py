@@ -2,7 +2,7 @@
 logit cosine similarity (teacher-forced), and greedy-caption exact match.
 
 Variants served with a lossy artifact (INT8, a student) are measured, not held to FP32 tolerance; the
-thresholds they must meet live in blip_triton_bench/correctness.py (AGREEMENT_THRESHOLDS) with the reason for each.
+thresholds they must meet live in blip_triton_bench/judging/correctness.py (AGREEMENT_THRESHOLDS) with the reason for each.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blip_triton_bench.agreement import caption_exact_match, check_agreement
-from blip_triton_bench.caption import caption_through_triton, greedy_caption
-from blip_triton_bench.client import TritonInferClient
-from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS, threshold_for_artifact
-from blip_triton_bench.model import ModelDescription
+from blip_triton_bench.captioning.caption import caption_through_triton, greedy_caption
+from blip_triton_bench.judging.agreement import caption_exact_match, check_agreement
+from blip_triton_bench.judging.correctness import AGREEMENT_THRESHOLDS, threshold_for_artifact
+from blip_triton_bench.judging.proof import Judgement
+from blip_triton_bench.load.client import TritonInferClient
+from blip_triton_bench.model.reference import ReferenceSessions
+from blip_triton_bench.model.source import ModelDescription
+from blip_triton_bench.model.workload import ModelInputs, load_image, preprocess, token_ids
 from blip_triton_bench.options import BenchOptions
-from blip_triton_bench.proof import Judgement
-from blip_triton_bench.reference import ReferenceSessions
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
 
 pytestmark = pytest.mark.correctness
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.client import TritonInferClient
-from blip_triton_bench.correctness import assert_close, serving_tolerance
-from blip_triton_bench.load import concurrency_levels
-from blip_triton_bench.perf import PerfSettings
-from blip_triton_bench.reference import ReferenceSessions, reference_model_path
+from blip_triton_bench.judging.correctness import assert_close, serving_tolerance
+from blip_triton_bench.load.client import TritonInferClient
+from blip_triton_bench.load.engine import concurrency_levels
+from blip_triton_bench.model.reference import ReferenceSessions, reference_model_path
+from blip_triton_bench.model.workload import ModelInputs, build_inputs
 from blip_triton_bench.report.write import write_sweep_report
-from blip_triton_bench.repository import StagedRepository, Variant
-from blip_triton_bench.servers.base import RunningServer
-from blip_triton_bench.servers.choice import ServerChoice
-from blip_triton_bench.sweep import (
+from blip_triton_bench.repository.variants import StagedRepository, Variant
+from blip_triton_bench.runs.perf import PerfSettings
+from blip_triton_bench.runs.sweep import (
     SweepPoint,
     SweepResult,
     as_given_point,
@@ -28,7 +27,8 @@ from blip_triton_bench.sweep import (
     run_sweep,
     sweep_points,
 )
-from blip_triton_bench.workload import ModelInputs, build_inputs
+from blip_triton_bench.servers.base import RunningServer
+from blip_triton_bench.servers.choice import ServerChoice
 
 pytestmark = pytest.mark.perf
 

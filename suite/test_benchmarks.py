@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.client import TritonInferClient
-from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.load.client import TritonInferClient
+from blip_triton_bench.model.reference import ReferenceSessions
+from blip_triton_bench.model.source import ModelDescription
+from blip_triton_bench.model.workload import build_inputs
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.workload import build_inputs
 
 pytestmark = pytest.mark.perf
 

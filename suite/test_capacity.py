@@ -1,5 +1,5 @@
 """Capacity at the SLO: per variant, the highest request rate it serves within its service-level objective (--slo,
-or its config's bench_slo), found by bracketing then bisection over open-loop levels (blip_triton_bench/capacity.py)
+or its config's bench_slo), found by bracketing then bisection over open-loop levels (blip_triton_bench/runs/capacity.py)
 and judged against the baseline like any level: a capacity that fell beyond the tolerance and beyond the search's
 own bracket is a regression.
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.capacity import capacity_level_id, search_variant_capacity, start_rate_per_s
 from blip_triton_bench.fixtures.verdicts import enforce_measured_numbers
-from blip_triton_bench.perf import PerfRun, VariantStopped, variant_service_level
-from blip_triton_bench.proof import Judgement
+from blip_triton_bench.judging.proof import Judgement
+from blip_triton_bench.judging.slo import REQUEST_QUANTITIES
+from blip_triton_bench.runs.capacity import capacity_level_id, search_variant_capacity, start_rate_per_s
+from blip_triton_bench.runs.perf import PerfRun, VariantStopped, variant_service_level
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.slo import REQUEST_QUANTITIES
 
 pytestmark = [pytest.mark.perf, pytest.mark.capacity, pytest.mark.reads_levels]
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.caption import Caption, CaptionerClient, caption_through_triton
-from blip_triton_bench.caption_latency import CAPTION_LEVEL, IN_PROCESS_WAY, CaptionLatency, in_process_key
-from blip_triton_bench.client import TritonInferClient
+from blip_triton_bench.captioning.caption import Caption, CaptionerClient, caption_through_triton
+from blip_triton_bench.captioning.latency import CAPTION_LEVEL, IN_PROCESS_WAY, CaptionLatency, in_process_key
 from blip_triton_bench.fixtures.verdicts import enforce_measured_numbers
-from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.perf import PerfRun
-from blip_triton_bench.proof import Judgement
+from blip_triton_bench.judging.proof import Judgement
+from blip_triton_bench.load.client import TritonInferClient
+from blip_triton_bench.model.source import ModelDescription
+from blip_triton_bench.model.workload import load_image, preprocess
+from blip_triton_bench.runs.perf import PerfRun
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.perf
 
@@ -84,7 +84,7 @@ def test_in_process_decoder_floor(
     """What the captioner's inter-token latency is held to, same run: the same split encoder and decoder step in this
     process (ONNX Runtime, no server, no transfer), for captions as long as the served ones. Not judged against a
     baseline: it is the floor the report compares the served numbers with."""
-    from blip_triton_bench.split_export import greedy_caption_cached, onnxruntime_runners
+    from blip_triton_bench.model.split_export import greedy_caption_cached, onnxruntime_runners
 
     split = model_artifacts.split()
     runners = onnxruntime_runners(split)

@@ -12,15 +12,15 @@ import warnings
 
 import pytest
 
-from blip_triton_bench.caption_load import caption_request_alone, measure_caption_level
+from blip_triton_bench.captioning.load import caption_request_alone, measure_caption_level
 from blip_triton_bench.fixtures.verdicts import enforce_measured_numbers
-from blip_triton_bench.load import LoadLevel
-from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.perf import PerfRun, UnstableMeasurement
-from blip_triton_bench.proof import Judgement
+from blip_triton_bench.judging.proof import Judgement
+from blip_triton_bench.judging.slo import CAPTION_QUANTITIES
+from blip_triton_bench.load.engine import LoadLevel
+from blip_triton_bench.model.source import ModelDescription
+from blip_triton_bench.model.workload import load_image, preprocess
+from blip_triton_bench.runs.perf import PerfRun, UnstableMeasurement
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.slo import CAPTION_QUANTITIES
-from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.perf
 

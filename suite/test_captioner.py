@@ -8,13 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from blip_triton_bench.caption import CANCEL_REQUEST_CONFIG_KEY, CaptionerClient, cancel_parameter_of, greedy_caption
-from blip_triton_bench.caption import main as caption_main
-from blip_triton_bench.client import InferenceError
-from blip_triton_bench.model import LoadedModel, generate_caption
-from blip_triton_bench.reference import ReferenceSessions
+from blip_triton_bench.captioning.caption import (
+    CANCEL_REQUEST_CONFIG_KEY,
+    CaptionerClient,
+    cancel_parameter_of,
+    greedy_caption,
+)
+from blip_triton_bench.captioning.caption import main as caption_main
+from blip_triton_bench.load.client import InferenceError
+from blip_triton_bench.model.reference import ReferenceSessions
+from blip_triton_bench.model.source import LoadedModel, generate_caption
+from blip_triton_bench.model.workload import SAMPLE_IMAGES, load_image, preprocess
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.workload import SAMPLE_IMAGES, load_image, preprocess
 
 pytestmark = pytest.mark.correctness
 

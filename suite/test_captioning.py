@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.caption import caption_through_triton
-from blip_triton_bench.caption import main as caption_main
-from blip_triton_bench.client import TritonInferClient
-from blip_triton_bench.model import LoadedModel, generate_caption
+from blip_triton_bench.captioning.caption import caption_through_triton
+from blip_triton_bench.captioning.caption import main as caption_main
+from blip_triton_bench.load.client import TritonInferClient
+from blip_triton_bench.model.source import LoadedModel, generate_caption
+from blip_triton_bench.model.workload import load_image, preprocess
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.correctness
 

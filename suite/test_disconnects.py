@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.disconnects import DISCONNECT, AbandonPlan, abandon_captions
-from blip_triton_bench.model import LoadedModel, generate_caption
+from blip_triton_bench.captioning.disconnects import DISCONNECT, AbandonPlan, abandon_captions
+from blip_triton_bench.model.source import LoadedModel, generate_caption
+from blip_triton_bench.model.workload import load_image, preprocess
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = pytest.mark.disconnects
 

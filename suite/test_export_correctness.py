@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from blip_triton_bench.correctness import TOLERANCES, assert_close
-from blip_triton_bench.model import LoadedModel
-from blip_triton_bench.reference import ReferenceSessions
-from blip_triton_bench.workload import build_inputs
+from blip_triton_bench.judging.correctness import TOLERANCES, assert_close
+from blip_triton_bench.model.reference import ReferenceSessions
+from blip_triton_bench.model.source import LoadedModel
+from blip_triton_bench.model.workload import build_inputs
 
 pytestmark = pytest.mark.correctness
 

@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 
-from blip_triton_bench.baselines import BaselineError
 from blip_triton_bench.fixtures.verdicts import enforce_verdict
-from blip_triton_bench.load import LoadLevel
-from blip_triton_bench.perf import PerfRun, UnstableMeasurement, VariantStopped
-from blip_triton_bench.proof import Judgement
+from blip_triton_bench.judging.baselines import BaselineError
+from blip_triton_bench.judging.proof import Judgement
+from blip_triton_bench.load.engine import LoadLevel
+from blip_triton_bench.runs.perf import PerfRun, UnstableMeasurement, VariantStopped
 from blip_triton_bench.servers.served import ServedVariant
 
 pytestmark = pytest.mark.perf

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.efficiency import efficiency_shortfall, formed_batch_size, time_in_process
-from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.perf import MIN_EFFICIENCY_PARAMETER, PerfConfigError, variant_min_serving_efficiency
-from blip_triton_bench.proof import Judgement
-from blip_triton_bench.reference import ReferenceSessions
-from blip_triton_bench.repository import Variant
-from blip_triton_bench.selection import best_levels
-from blip_triton_bench.workload import build_inputs
+from blip_triton_bench.judging.efficiency import efficiency_shortfall, formed_batch_size, time_in_process
+from blip_triton_bench.judging.proof import Judgement
+from blip_triton_bench.model.reference import ReferenceSessions
+from blip_triton_bench.model.source import ModelDescription
+from blip_triton_bench.model.workload import build_inputs
+from blip_triton_bench.report.selection import best_levels
+from blip_triton_bench.repository.variants import Variant
+from blip_triton_bench.runs.perf import MIN_EFFICIENCY_PARAMETER, PerfConfigError, variant_min_serving_efficiency
 
 pytestmark = [pytest.mark.perf, pytest.mark.reads_levels]
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 
 from blip_triton_bench.fixtures.verdicts import enforce_verdict, judged_numbers
-from blip_triton_bench.model import ModelDescription
-from blip_triton_bench.perf import PerfRun
-from blip_triton_bench.proof import Judgement
-from blip_triton_bench.repository import StagedRepository
+from blip_triton_bench.judging.proof import Judgement
+from blip_triton_bench.model.source import ModelDescription
+from blip_triton_bench.model.workload import build_inputs
+from blip_triton_bench.repository.variants import StagedRepository
+from blip_triton_bench.runs.perf import PerfRun
+from blip_triton_bench.runs.startup import ColdStart, measure_cold_start, measure_warm_up
 from blip_triton_bench.servers.choice import ServerChoice
 from blip_triton_bench.servers.served import ServedVariant
-from blip_triton_bench.startup import ColdStart, measure_cold_start, measure_warm_up
-from blip_triton_bench.workload import build_inputs
 
 pytestmark = pytest.mark.perf
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.repository import StagedRepository
+from blip_triton_bench.repository.variants import StagedRepository
 
 #: The seed repository: every variant the project ships.
 SEED_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -23,7 +23,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Each test process's suite runs share a measurement lock of their own (measure_lock.LOCK_FILE_ENV): tests run
     suites side by side on purpose, and must neither wait on each other nor on a real run of the suite on this host.
     Tests of the lock itself name their file with --measure-lock-file."""
-    from blip_triton_bench.measure_lock import LOCK_FILE_ENV
+    from blip_triton_bench.host.measure_lock import LOCK_FILE_ENV
 
     # Always a new one: an xdist worker inherits the controller's environment, and must not share its lock.
     folder = Path(tempfile.mkdtemp(prefix="blip-bench-test-lock-"))
@@ -34,7 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny BLIP (seeded random weights), built once per session."""
-    from blip_triton_bench.model import ModelSpec, load_model
+    from blip_triton_bench.model.source import ModelSpec, load_model
 
     return load_model(ModelSpec("tiny"))
 
@@ -43,9 +43,9 @@ def tiny_model():
 def tiny_artifacts(tiny_model, tmp_path_factory: pytest.TempPathFactory):
     """The tiny model's exports (full, and the split, INT8 and student ones when first asked for), in a cache of this
     session's own."""
-    from blip_triton_bench.artifacts import ModelArtifacts
-    from blip_triton_bench.export import export_model
-    from blip_triton_bench.options import DEFAULT_OPSET
+    from blip_triton_bench.model.artifacts import ModelArtifacts
+    from blip_triton_bench.model.export import export_model
+    from blip_triton_bench.model.onnx_files import DEFAULT_OPSET
 
     cache = tmp_path_factory.mktemp("tiny-cache")
     exported = export_model(tiny_model, cache, DEFAULT_OPSET)
@@ -62,7 +62,12 @@ def tiny_artifacts(tiny_model, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def staged_captioner(tiny_artifacts, tmp_path_factory: pytest.TempPathFactory) -> StagedRepository:
     """The seed's captioner (blip_caption and the models it calls) staged with the tiny export."""
-    from blip_triton_bench.repository import discover_variants, select_variants, stage_repository, with_composing_models
+    from blip_triton_bench.repository.variants import (
+        discover_variants,
+        select_variants,
+        stage_repository,
+        with_composing_models,
+    )
 
     seed = discover_variants(SEED_REPOSITORY)
     chosen = with_composing_models(select_variants(seed, ["blip_caption"]), seed)

@@ -23,7 +23,7 @@ import psutil
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from blip_triton_bench.leftovers import SYSTEM_SHM_DIR
+from blip_triton_bench.servers.leftovers import SYSTEM_SHM_DIR
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SEED_REPOSITORY = REPOSITORY_ROOT / "model_repository"

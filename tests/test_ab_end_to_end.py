@@ -173,10 +173,10 @@ def test_a_variant_the_reference_lacks_is_skipped_with_the_reason(tmp_path: Path
 def reference_server(tmp_path: Path):
     """A second Triton 'someone runs' (e.g. the version before an upgrade) serving the seed's base_model_cpu, its
     model-repository API open to anyone as on a server started by hand: a load or unload by the suite would show."""
-    from blip_triton_bench.export import export_model
-    from blip_triton_bench.files import default_cache_dir
-    from blip_triton_bench.model import ModelSpec, load_model
-    from blip_triton_bench.repository import discover_variants, stage_repository
+    from blip_triton_bench.host.files import default_cache_dir
+    from blip_triton_bench.model.export import export_model
+    from blip_triton_bench.model.source import ModelSpec, load_model
+    from blip_triton_bench.repository.variants import discover_variants, stage_repository
     from blip_triton_bench.servers.local import LocalProvider
 
     exported = export_model(load_model(ModelSpec("tiny")), default_cache_dir())

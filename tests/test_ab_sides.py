@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.ab_sides import BEFORE_SUFFIX, renamed_config, with_callees
-from blip_triton_bench.repository import discover_variants
+from blip_triton_bench.repository.variants import discover_variants, with_callees
+from blip_triton_bench.runs.ab_sides import BEFORE_SUFFIX, renamed_config
 
 pytestmark = pytest.mark.unit
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blip_triton_bench.ab import DEFAULT_AB_MIN_EFFECT_PCT, judge_ab, round_throughput
-from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel
-from blip_triton_bench.verdict import VerdictStatus
+from blip_triton_bench.judging.verdict import VerdictStatus
+from blip_triton_bench.load.engine import CONCURRENCY, REQUEST_RATE, LoadLevel
+from blip_triton_bench.runs.ab import DEFAULT_AB_MIN_EFFECT_PCT, judge_ab, round_throughput
 
 pytestmark = pytest.mark.unit
 

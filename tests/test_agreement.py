@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blip_triton_bench.agreement import (
+from blip_triton_bench.judging.agreement import (
     AgreementBelowThreshold,
     caption_exact_match,
     check_agreement,
@@ -14,7 +14,7 @@ from blip_triton_bench.agreement import (
     token_agreement,
     top1_agreement,
 )
-from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS, AgreementThreshold, threshold_for_artifact
+from blip_triton_bench.judging.correctness import AGREEMENT_THRESHOLDS, AgreementThreshold, threshold_for_artifact
 
 pytestmark = pytest.mark.unit
 

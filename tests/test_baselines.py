@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.baselines import (
+from blip_triton_bench.judging.baselines import (
     CONTENT_DIGEST_FIELD,
     SCHEMA_VERSION,
     Baseline,
@@ -66,7 +66,7 @@ def snapshot(path: Path) -> tuple[bytes, int]:
 
 
 def test_fingerprint_from_host_and_server(fingerprint: Fingerprint) -> None:
-    from blip_triton_bench.hardware import GpuInfo, HostInfo
+    from blip_triton_bench.host.hardware import GpuInfo, HostInfo
     from blip_triton_bench.servers.base import ServerDescription
 
     host = HostInfo("Xeon", 32, (GpuInfo("NVIDIA H100", "560.35.03", 81559),) * 2, ("CPUExecutionProvider",))
@@ -79,7 +79,7 @@ def test_fingerprint_from_host_and_server(fingerprint: Fingerprint) -> None:
 
 
 def test_an_external_servers_fingerprint_is_the_servers_own_never_the_client_hosts() -> None:
-    from blip_triton_bench.hardware import GpuInfo, HostInfo
+    from blip_triton_bench.host.hardware import GpuInfo, HostInfo
     from blip_triton_bench.servers.base import ServerDescription
 
     server = ServerDescription(
@@ -316,7 +316,7 @@ def test_record_command_adds_update_baselines_once() -> None:
 
 def test_pure_modules_import_nothing_from_pytest_triton_or_docker() -> None:
     code = (
-        "import sys, blip_triton_bench.stats, blip_triton_bench.verdict, blip_triton_bench.baselines\n"
+        "import sys, blip_triton_bench.judging.stats, blip_triton_bench.judging.verdict, blip_triton_bench.judging.baselines\n"
         "heavy = {'pytest', 'tritonclient', 'docker', 'testcontainers', 'onnxruntime', 'torch'}\n"
         "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"
     )
@@ -461,7 +461,7 @@ def test_missing_baseline_message_names_the_other_feature_sets_file(tmp_path: Pa
     legacy_path = str(store.path_for(fingerprint, MODEL_ID, VARIANT))
     assert any(reason.endswith(f"({legacy_path})") for reason in reasons)
 
-    from blip_triton_bench.perf import missing_baseline_message
+    from blip_triton_bench.runs.perf import missing_baseline_message
 
     message = missing_baseline_message(VARIANT, "startup", store.path_for(here, MODEL_ID, VARIANT), [], reasons)
     assert message.startswith(f"no baseline for {VARIANT} startup on this machine")

@@ -7,14 +7,14 @@ import math
 
 import pytest
 
-from blip_triton_bench.capacity import (
+from blip_triton_bench.judging.verdict import VerdictStatus, compare_level
+from blip_triton_bench.runs.capacity import (
     DEFAULT_PRECISION_PCT,
     MAX_HALVINGS,
     Probe,
     capacity_level_id,
     search_capacity,
 )
-from blip_triton_bench.verdict import VerdictStatus, compare_level
 
 pytestmark = pytest.mark.unit
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.capacity import capacity_level_id
 from blip_triton_bench.report.write import CAPACITY_SECTION, SLO_SECTION
+from blip_triton_bench.runs.capacity import capacity_level_id
 from tests.suite_runs import RECORDING_LEVEL, Suite
 
 pytestmark = pytest.mark.e2e

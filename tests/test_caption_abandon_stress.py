@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from blip_triton_bench.caption import CaptionerClient, cancel_parameter_of
-from blip_triton_bench.disconnects import (
+from blip_triton_bench.captioning.caption import CaptionerClient, cancel_parameter_of
+from blip_triton_bench.captioning.disconnects import (
     AT_LAST_TOKEN,
     BEFORE_FIRST_TOKEN,
     CANCEL_REQUEST,
@@ -20,10 +20,10 @@ from blip_triton_bench.disconnects import (
     captioner_slots,
     captions_cancelled,
 )
-from blip_triton_bench.model import LoadedModel, generate_caption
-from blip_triton_bench.repository import StagedRepository
+from blip_triton_bench.model.source import LoadedModel, generate_caption
+from blip_triton_bench.model.workload import load_image, preprocess
+from blip_triton_bench.repository.variants import StagedRepository
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
-from blip_triton_bench.workload import load_image, preprocess
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

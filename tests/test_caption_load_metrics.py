@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from blip_triton_bench.caption_load import (
+from blip_triton_bench.captioning.load import (
     CAPTION_CONCURRENCY,
     CAPTION_REQUEST_RATE,
     CaptionLevelMeasurement,
@@ -15,9 +15,9 @@ from blip_triton_bench.caption_load import (
     caption_levels,
     caption_stability,
 )
-from blip_triton_bench.load import LoadLevel, LoadSpecError
+from blip_triton_bench.judging.stats import WindowSample, assess_stability
+from blip_triton_bench.load.engine import LoadLevel, LoadSpecError
 from blip_triton_bench.report.text import caption_load_table, caption_scaling_lines
-from blip_triton_bench.stats import WindowSample, assess_stability
 
 pytestmark = pytest.mark.unit
 

@@ -8,17 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blip_triton_bench.agreement import measure_agreement
-from blip_triton_bench.caption import Caption, greedy_caption
-from blip_triton_bench.caption_latency import CaptionLatency, speedup
-from blip_triton_bench.load import CONCURRENCY, LoadLevel
-from blip_triton_bench.model import SpecialTokens
+from blip_triton_bench.captioning.caption import Caption, greedy_caption
+from blip_triton_bench.captioning.latency import CaptionLatency, speedup
+from blip_triton_bench.judging.agreement import measure_agreement
+from blip_triton_bench.judging.verdict import VerdictStatus, compare_level
+from blip_triton_bench.load.engine import CONCURRENCY, LoadLevel
+from blip_triton_bench.model.source import SpecialTokens
+from blip_triton_bench.model.workload import ModelInputs
 from blip_triton_bench.report.plots import plot_accuracy_vs_speed
+from blip_triton_bench.report.selection import summarize_variants
 from blip_triton_bench.report.text import caption_ratio_lines, caption_table, choice_table, throughput_ratio_lines
 from blip_triton_bench.report.write import ReportSection, write_report
-from blip_triton_bench.selection import summarize_variants
-from blip_triton_bench.verdict import VerdictStatus, compare_level
-from blip_triton_bench.workload import ModelInputs
 from tests.test_report import judged_level
 
 pytestmark = pytest.mark.unit

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from blip_triton_bench.caption import CaptionerClient
-from blip_triton_bench.client import InferenceError
+from blip_triton_bench.captioning.caption import CaptionerClient
+from blip_triton_bench.load.client import InferenceError
 
 pytestmark = pytest.mark.unit
 

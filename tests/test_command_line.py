@@ -13,9 +13,9 @@ from pathlib import Path
 import onnxruntime
 import pytest
 
-from blip_triton_bench.environment import probe_provider
-from blip_triton_bench.hardware import query_gpus
-from blip_triton_bench.shared_memory import cuda_unavailable
+from blip_triton_bench.host.environment import probe_provider
+from blip_triton_bench.host.hardware import query_gpus
+from blip_triton_bench.load.shared_memory import cuda_unavailable
 
 pytestmark = pytest.mark.e2e
 

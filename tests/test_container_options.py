@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from blip_triton_bench.leftovers import OWNER_HOST_LABEL, OWNER_PID_LABEL
 from blip_triton_bench.servers.base import RunKey, ServerUsageError
 from blip_triton_bench.servers.container import (
     CONTAINER_LABEL,
@@ -17,6 +16,7 @@ from blip_triton_bench.servers.container import (
     ContainerProvider,
     run_options,
 )
+from blip_triton_bench.servers.leftovers import OWNER_HOST_LABEL, OWNER_PID_LABEL
 
 pytestmark = pytest.mark.unit
 

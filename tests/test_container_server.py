@@ -21,12 +21,12 @@ import tritonclient.http as triton_http
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from blip_triton_bench.correctness import TOLERANCES, assert_close
-from blip_triton_bench.files import default_cache_dir
-from blip_triton_bench.image import CONTENT_HASH_LABEL, BuiltImage, ImageBuildError, ensure_image
+from blip_triton_bench.host.files import default_cache_dir
+from blip_triton_bench.judging.correctness import TOLERANCES, assert_close
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.container import ContainerProvider
 from blip_triton_bench.servers.docker_engine import CONTAINER_LABEL, docker_available
+from blip_triton_bench.servers.image import CONTENT_HASH_LABEL, BuiltImage, ImageBuildError, ensure_image
 
 pytestmark = [
     pytest.mark.server,
@@ -263,9 +263,9 @@ def test_system_shared_memory_reaches_a_container_that_shares_host_ipc(
     cpu_image: BuiltImage, tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
     """Not run on the CPU CI host without Docker; where an engine answers, a shared-memory level must succeed."""
-    from blip_triton_bench.ceiling import stage_ceiling_model
-    from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings, measure_level
-    from blip_triton_bench.workload import ModelInputs
+    from blip_triton_bench.load.ceiling import stage_ceiling_model
+    from blip_triton_bench.load.engine import CONCURRENCY, LoadLevel, LoadSettings, measure_level
+    from blip_triton_bench.model.workload import ModelInputs
 
     repository = tmp_path / "ceiling"
     name = stage_ceiling_model(repository, 384, 30524)

@@ -10,7 +10,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.grpc import service_pb2
 
-from blip_triton_bench.correctness import (
+from blip_triton_bench.judging.correctness import (
     TOLERANCES,
     EmptyOutput,
     OutputMismatch,

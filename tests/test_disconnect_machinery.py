@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from blip_triton_bench.disconnects import (
+from blip_triton_bench.captioning.disconnects import (
     AT_LAST_TOKEN,
     BEFORE_FIRST_TOKEN,
     CANCEL_REQUEST,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.efficiency import FormedBatch, efficiency_shortfall, formed_batch_size, time_in_process
-from blip_triton_bench.load import ServerStatistics
-from blip_triton_bench.perf import MIN_EFFICIENCY_PARAMETER, PerfConfigError, variant_min_serving_efficiency
-from blip_triton_bench.repository import discover_variants, load_variant
+from blip_triton_bench.judging.efficiency import FormedBatch, efficiency_shortfall, formed_batch_size, time_in_process
+from blip_triton_bench.judging.stats import ServerStatistics
+from blip_triton_bench.repository.variants import discover_variants, load_variant
+from blip_triton_bench.runs.perf import MIN_EFFICIENCY_PARAMETER, PerfConfigError, variant_min_serving_efficiency
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ import onnx
 import onnxruntime
 import pytest
 
-from blip_triton_bench.environment import (
+from blip_triton_bench.host.environment import (
     Distribution,
     _identity_model,
     installed_onnxruntime,

@@ -13,11 +13,11 @@ import onnx
 import onnxruntime
 import pytest
 
-from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
-from blip_triton_bench.export import ExportError, export_model
-from blip_triton_bench.files import CacheWriteError
-from blip_triton_bench.model import LoadedModel, ModelSourceError, ModelSpec, describe_model, load_model
-from blip_triton_bench.workload import build_inputs
+from blip_triton_bench.host.environment import max_ir_version_onnxruntime_loads
+from blip_triton_bench.host.files import CacheWriteError
+from blip_triton_bench.model.export import ExportError, export_model
+from blip_triton_bench.model.source import LoadedModel, ModelSourceError, ModelSpec, describe_model, load_model
+from blip_triton_bench.model.workload import build_inputs
 
 pytestmark = pytest.mark.unit
 

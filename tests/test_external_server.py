@@ -13,11 +13,12 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from blip_triton_bench.export import export_model
-from blip_triton_bench.load import LoadSettings
-from blip_triton_bench.model import ModelSpec, load_model
-from blip_triton_bench.perf import NO_CEILING_ON_EXTERNAL, CeilingProbe, PerfSettings
-from blip_triton_bench.repository import discover_variants, stage_repository
+from blip_triton_bench.load.engine import LoadSettings
+from blip_triton_bench.model.export import export_model
+from blip_triton_bench.model.source import ModelSpec, load_model
+from blip_triton_bench.model.workload import ModelInputs
+from blip_triton_bench.repository.variants import discover_variants, stage_repository
+from blip_triton_bench.runs.perf import NO_CEILING_ON_EXTERNAL, CeilingProbe, PerfSettings
 from blip_triton_bench.servers.base import ServerStartError, ServerUsageError
 from blip_triton_bench.servers.external import (
     ExternalProvider,
@@ -27,7 +28,6 @@ from blip_triton_bench.servers.external import (
     read_server_gpus,
 )
 from blip_triton_bench.servers.local import LocalProvider, LocalServer, free_port
-from blip_triton_bench.workload import ModelInputs
 from tests.open_model_control import OpenModelControl, model_control_trace
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.leftovers import STUB_NAME, SYSTEM_SHM_DIR
+from blip_triton_bench.servers.leftovers import STUB_NAME, SYSTEM_SHM_DIR
 from tests.suite_runs import (
     FAULT_LEVEL,
     PERF_TEST,
@@ -280,10 +280,10 @@ def test_a_huge_level_range_is_one_usage_error(tmp_path: Path, levels: str, mess
 def hand_started_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """tritonserver as a user starts it: default model control (every model in the repository loaded at start,
     none loadable afterwards), ports other than 8000/8001/8002, nothing of the suite's provider code."""
-    from blip_triton_bench.export import export_model
-    from blip_triton_bench.files import default_cache_dir
-    from blip_triton_bench.model import ModelSpec, load_model
-    from blip_triton_bench.repository import discover_variants, stage_repository
+    from blip_triton_bench.host.files import default_cache_dir
+    from blip_triton_bench.model.export import export_model
+    from blip_triton_bench.model.source import ModelSpec, load_model
+    from blip_triton_bench.repository.variants import discover_variants, stage_repository
     from blip_triton_bench.servers.local import BACKEND_SOURCE, build_backend_directory, free_port, pytriton_paths
 
     root = tmp_path_factory.mktemp("hand-started")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.files import (
+from blip_triton_bench.host.files import (
     CONTENTS_FILENAME,
     contents_problem,
     ownership_problem,
@@ -36,7 +36,7 @@ def test_an_incomplete_entry_is_produced_again_and_the_log_says_so(
         (work_dir / "model.onnx").write_bytes(b"graph")
         (work_dir / "export.json").write_text("{}")
 
-    with caplog.at_level(logging.WARNING, logger="blip_triton_bench.files"):
+    with caplog.at_level(logging.WARNING, logger="blip_triton_bench.host.files"):
         assert produce_directory(entry, "abc", produce, has_model)
 
     assert (entry / "model.onnx").read_bytes() == b"graph"
@@ -84,7 +84,7 @@ def test_an_entry_whose_contents_changed_is_produced_again_under_the_lock(
     assert produce_directory(entry, "abc", produce, has_model)
     assert not produce_directory(entry, "abc", produce, has_model)  # whole: reused
     (entry / "model.onnx").write_bytes(b"gra")  # cut short
-    with caplog.at_level(logging.WARNING, logger="blip_triton_bench.files"):
+    with caplog.at_level(logging.WARNING, logger="blip_triton_bench.host.files"):
         assert produce_directory(entry, "abc", produce, has_model)
 
     assert len(calls) == 2
@@ -167,7 +167,7 @@ def test_a_failed_produce_leaves_no_entry_and_releases_the_lock(tmp_path: Path) 
 
 
 def test_an_export_entry_without_export_json_is_exported_again(tmp_path: Path) -> None:
-    from blip_triton_bench.export import ArtifactIdentity, cached_artifact
+    from blip_triton_bench.model.export import ArtifactIdentity, cached_artifact
 
     entry = tmp_path / "exports" / "tiny-abc"
     entry.mkdir(parents=True)

@@ -11,20 +11,20 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
-from blip_triton_bench.agreement import AgreementBelowThreshold, check_agreement
-from blip_triton_bench.artifacts import ModelArtifacts
-from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS, threshold_for_artifact
-from blip_triton_bench.export import ExportedModel
-from blip_triton_bench.half_precision import (
+from blip_triton_bench.judging.agreement import AgreementBelowThreshold, check_agreement
+from blip_triton_bench.judging.correctness import AGREEMENT_THRESHOLDS, threshold_for_artifact
+from blip_triton_bench.model.artifacts import ModelArtifacts
+from blip_triton_bench.model.export import ExportedModel
+from blip_triton_bench.model.half_precision import (
     DEFAULT_RECIPE,
     HalfPrecisionError,
     HalfPrecisionRecipe,
     check_half_precision,
     convert_model_to_fp16,
 )
-from blip_triton_bench.model import LoadedModel
-from blip_triton_bench.repository import discover_variants
-from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
+from blip_triton_bench.model.source import LoadedModel
+from blip_triton_bench.model.workload import ModelInputs, load_image, preprocess, token_ids
+from blip_triton_bench.repository.variants import discover_variants
 from tests.conftest import SEED_REPOSITORY
 
 pytestmark = pytest.mark.unit

@@ -12,13 +12,13 @@ import onnxruntime
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from blip_triton_bench.agreement import check_agreement
-from blip_triton_bench.artifacts import ModelArtifacts
-from blip_triton_bench.client import TritonInferClient
-from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS, assert_close, serving_tolerance
-from blip_triton_bench.repository import STAGED_VERSION, discover_variants, stage_generated
+from blip_triton_bench.judging.agreement import check_agreement
+from blip_triton_bench.judging.correctness import AGREEMENT_THRESHOLDS, assert_close, serving_tolerance
+from blip_triton_bench.load.client import TritonInferClient
+from blip_triton_bench.model.artifacts import ModelArtifacts
+from blip_triton_bench.model.workload import build_inputs
+from blip_triton_bench.repository.variants import STAGED_VERSION, discover_variants, stage_generated
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
-from blip_triton_bench.workload import build_inputs
 from tests.conftest import SEED_REPOSITORY
 
 pytestmark = pytest.mark.server

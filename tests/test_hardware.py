@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.hardware import (
+from blip_triton_bench.host.hardware import (
     GpuInfo,
     GpuQueryError,
     missing_gpus,

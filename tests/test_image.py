@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.hardware import GpuInfo, HostInfo
-from blip_triton_bench.image import (
+from blip_triton_bench.host.hardware import GpuInfo, HostInfo
+from blip_triton_bench.servers.base import ServerStartError
+from blip_triton_bench.servers.container import NGC_GPU_IMAGE, default_image, device_requests, resolve_gpus
+from blip_triton_bench.servers.image import (
     CPU_IMAGE_REPOSITORY,
     DEFAULT_DEBIAN_MIRROR,
     ImageBuildError,
@@ -17,8 +19,6 @@ from blip_triton_bench.image import (
     debian_mirror,
     default_server_dir,
 )
-from blip_triton_bench.servers.base import ServerStartError
-from blip_triton_bench.servers.container import NGC_GPU_IMAGE, default_image, device_requests, resolve_gpus
 
 pytestmark = pytest.mark.unit
 

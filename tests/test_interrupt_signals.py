@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from blip_triton_bench.interrupts import run_cancelled_by_signals, signals_as_interrupt
+from blip_triton_bench.host.interrupts import run_cancelled_by_signals, signals_as_interrupt
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.files import host_tag, produce_directory, work_dir_prefix
-from blip_triton_bench.leftovers import (
+from blip_triton_bench.host.files import host_tag, produce_directory, work_dir_prefix
+from blip_triton_bench.load.shared_memory import level_tag
+from blip_triton_bench.servers.leftovers import (
     OWNER_HOST_LABEL,
     OWNER_PID_LABEL,
     TEMP_DIR_NAME,
@@ -23,7 +24,6 @@ from blip_triton_bench.leftovers import (
     stale_temp_dirs,
 )
 from blip_triton_bench.servers.local import shm_prefix_setting
-from blip_triton_bench.shared_memory import level_tag
 
 
 def dead_pid() -> int:

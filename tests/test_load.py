@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blip_triton_bench.load import (
+from blip_triton_bench.load.engine import (
     CONCURRENCY,
     REQUEST_RATE,
     Completions,
@@ -142,7 +142,7 @@ def test_an_open_loop_schedule_never_runs_out_and_is_one_seeded_stream() -> None
     once did, and the level's last windows measured no request at all)."""
     from itertools import islice
 
-    from blip_triton_bench.load import ARRIVAL_CHUNK, arrival_gaps
+    from blip_triton_bench.load.engine import ARRIVAL_CHUNK, arrival_gaps
 
     drawn = list(islice(arrival_gaps(100.0, "poisson", seed=3), 3 * ARRIVAL_CHUNK + 5))
     assert len(drawn) == 3 * ARRIVAL_CHUNK + 5
@@ -159,7 +159,7 @@ def test_an_open_loop_at_its_in_flight_cap_waits_and_counts_the_wait_as_latency(
     import asyncio
     import time
 
-    from blip_triton_bench.load import LoadSettings, open_loop_in_flight_cap, send_on_schedule
+    from blip_triton_bench.load.engine import LoadSettings, open_loop_in_flight_cap, send_on_schedule
 
     cap, rate_per_s, hold_s = 5, 1000.0, 0.1
     peak = 0

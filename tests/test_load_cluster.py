@@ -20,7 +20,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from blip_triton_bench.load_cluster import (
+from blip_triton_bench.load.cluster import (
     RAY_NAMESPACE,
     SUITE_DISTRIBUTION,
     ActorPlace,
@@ -31,7 +31,7 @@ from blip_triton_bench.load_cluster import (
     loopback_refusal,
     loopback_unreachable,
 )
-from blip_triton_bench.load_workers import WorkerDied
+from blip_triton_bench.load.workers import WorkerDied
 from tests.suite_runs import FAULT_LEVEL, PERF_TEST, Suite, SuiteRun, assert_no_leftovers
 
 #: The processes of a Ray node that outlive its raylet when the head is gone (they wait for a GCS that will not come
@@ -186,8 +186,8 @@ def test_losing_the_ray_head_mid_level_fails_the_level_and_the_report_is_still_w
 #: its worker for the time (the way a level starts).
 DRIVER_WITHOUT_HEAD = """
 import sys, time
-from blip_triton_bench.load_cluster import RayWorkers
-from blip_triton_bench.load_workers import WorkerDied
+from blip_triton_bench.load.cluster import RayWorkers
+from blip_triton_bench.load.workers import WorkerDied
 with RayWorkers(sys.argv[1], 1) as pool:
     print("joined", flush=True)
     sys.stdin.readline()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blip_triton_bench.load import (
+from blip_triton_bench.load.engine import (
     CONCURRENCY,
     REQUEST_RATE,
     LoadLevel,
@@ -23,8 +23,8 @@ from blip_triton_bench.load import (
     measure_level,
     open_loop_in_flight_cap,
 )
+from blip_triton_bench.model.workload import ModelInputs
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
-from blip_triton_bench.workload import ModelInputs
 
 pytestmark = [pytest.mark.server, pytest.mark.serial]  # its checks compare rates with the measured service rate
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, Completions, LoadLevel, watched
-from blip_triton_bench.load_workers import WorkerDied, WorkerPool, in_windows, split_level
-from blip_triton_bench.stats import WindowSample
+from blip_triton_bench.judging.stats import WindowSample
+from blip_triton_bench.load.engine import CONCURRENCY, REQUEST_RATE, Completions, LoadLevel, watched
+from blip_triton_bench.load.workers import WorkerDied, WorkerPool, in_windows, split_level
 
 pytestmark = pytest.mark.unit
 

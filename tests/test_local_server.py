@@ -23,7 +23,7 @@ import tritonclient.http as triton_http
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from blip_triton_bench.hardware import query_gpus
+from blip_triton_bench.host.hardware import query_gpus
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 

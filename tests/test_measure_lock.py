@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.measure_lock import (
+from blip_triton_bench.host.measure_lock import (
     EXCLUSIVE,
     LOCK_FILE_ENV,
     SHARED,

@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.baselines import SCHEMA_VERSION, Baseline, BaselineStore, LevelRun
-from blip_triton_bench.stats import detectable_change_pct
-from blip_triton_bench.verdict import SIGNIFICANCE_P, VerdictStatus, compare, compare_distribution, compare_level
+from blip_triton_bench.judging.baselines import SCHEMA_VERSION, Baseline, BaselineStore, LevelRun
+from blip_triton_bench.judging.stats import detectable_change_pct
+from blip_triton_bench.judging.verdict import (
+    SIGNIFICANCE_P,
+    VerdictStatus,
+    compare,
+    compare_distribution,
+    compare_level,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -10,10 +10,10 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from blip_triton_bench import onnx_files
-from blip_triton_bench.ceiling import stage_ceiling_model
-from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
-from blip_triton_bench.onnx_files import OnnxFileError, ir_version_to_write, make_file_loadable, save_model
+from blip_triton_bench.host.environment import max_ir_version_onnxruntime_loads
+from blip_triton_bench.load.ceiling import stage_ceiling_model
+from blip_triton_bench.model import onnx_files
+from blip_triton_bench.model.onnx_files import OnnxFileError, ir_version_to_write, make_file_loadable, save_model
 
 pytestmark = pytest.mark.unit
 
@@ -110,7 +110,7 @@ def test_the_client_ceiling_model_takes_the_runtimes_limit(tmp_path: Path, onnxr
 
 
 def test_the_ceiling_model_gets_instances_from_the_cores_so_the_server_is_not_what_it_measures() -> None:
-    from blip_triton_bench.ceiling import ceiling_config, ceiling_instances
+    from blip_triton_bench.load.ceiling import ceiling_config, ceiling_instances
 
     assert [ceiling_instances(cores) for cores in (None, 1, 2, 4, 8, 16, 128)] == [1, 1, 1, 2, 4, 4, 4]
     text = ceiling_config(384, 30524, instances=ceiling_instances(16))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blip_triton_bench.options import BenchOptions, OptionError, check_options
-from blip_triton_bench.repository import discover_variants
+from blip_triton_bench.repository.variants import discover_variants
 
 pytestmark = pytest.mark.unit
 
@@ -82,7 +82,7 @@ def test_ci_may_record_outside_the_committed_baselines(tmp_path: Path) -> None:
 
 
 def test_the_request_timeout_reaches_every_load_level_and_must_be_positive() -> None:
-    from blip_triton_bench.perf import PerfSettings
+    from blip_triton_bench.runs.perf import PerfSettings
 
     assert PerfSettings.from_options(options(request_timeout_s=7.5)).load.request_timeout_s == 7.5
     with pytest.raises(OptionError, match=r"^--request-timeout-s 0.0: must be a number of seconds above 0"):
@@ -142,7 +142,7 @@ def test_a_tolerance_that_would_turn_the_gate_off_is_a_usage_error(tolerance: fl
 
 
 def test_a_configs_tolerance_that_would_turn_the_gate_off_is_refused_naming_the_file(tmp_path: Path) -> None:
-    from blip_triton_bench.perf import PerfConfigError, PerfSettings, variant_tolerance_pct
+    from blip_triton_bench.runs.perf import PerfConfigError, PerfSettings, variant_tolerance_pct
 
     seed = (ROOT / "model_repository" / "base_model_cpu" / "config.pbtxt").read_text()
     for text, accepted in (('"nan"', False), ('"100"', False), ('"ten"', False), ('"12.5"', True)):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.hardware import query_gpus
-from blip_triton_bench.load import MAX_WINDOW_STRETCH
+from blip_triton_bench.host.hardware import query_gpus
+from blip_triton_bench.load.engine import MAX_WINDOW_STRETCH
 from blip_triton_bench.servers.docker_engine import docker_available
 from tests.suite_runs import REPOSITORY_ROOT, Suite
 
@@ -65,7 +65,7 @@ def test_measurement_and_sweep_options_shape_what_is_measured(tmp_path: Path) ->
 
 def save_teacher_as_a_checkpoint(directory: Path) -> Path:
     """The tiny teacher as a user's save_pretrained directory: a 'student' that is the teacher itself."""
-    from blip_triton_bench.model import ModelSpec, load_model
+    from blip_triton_bench.model.source import ModelSpec, load_model
 
     teacher = load_model(ModelSpec("tiny"))
     teacher.model.save_pretrained(directory)

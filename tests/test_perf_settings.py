@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.load import LoadSettings
+from blip_triton_bench.load.engine import LoadSettings
 from blip_triton_bench.options import OptionError, check_variant_slos
-from blip_triton_bench.perf import (
+from blip_triton_bench.repository.variants import discover_variants, load_variant
+from blip_triton_bench.runs.perf import (
     PerfConfigError,
     PerfSettings,
     variant_levels,
     variant_service_level,
     variant_tolerance_pct,
 )
-from blip_triton_bench.repository import discover_variants, load_variant
 
 pytestmark = pytest.mark.unit
 
@@ -95,8 +95,8 @@ def test_a_configs_slo_is_read_overridden_by_slo_and_refused_naming_its_file_whe
 
 
 def test_a_shared_memory_run_reads_and_records_baselines_of_its_own(tmp_path: Path) -> None:
-    from blip_triton_bench.baselines import BaselineStore, Fingerprint
-    from blip_triton_bench.perf import PerfRun
+    from blip_triton_bench.judging.baselines import BaselineStore, Fingerprint
+    from blip_triton_bench.runs.perf import PerfRun
 
     fingerprint = Fingerprint("cpu", 2, (), 0, "", "2.51.0", "local", "", "tiny", "1", "grpc")
     settings = PerfSettings(

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from blip_triton_bench.fixtures.plugin import check_name, failure_line
-from blip_triton_bench.load import CONCURRENCY, LoadLevel
-from blip_triton_bench.perf import record_judgement
-from blip_triton_bench.proof import Finding, Judgement, Outcome, RunProof
+from blip_triton_bench.judging.proof import Finding, Judgement, Outcome, RunProof
+from blip_triton_bench.judging.verdict import MIN_REQUESTS_FOR_P99_VERDICT
+from blip_triton_bench.load.engine import CONCURRENCY, LoadLevel
+from blip_triton_bench.runs.perf import record_judgement
 from blip_triton_bench.session import BenchSession
-from blip_triton_bench.verdict import MIN_REQUESTS_FOR_P99_VERDICT
 from tests.test_report import judged_level
 
 pytestmark = pytest.mark.unit

@@ -12,13 +12,13 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
-from blip_triton_bench.agreement import AgreementBelowThreshold, check_agreement, measure_agreement
-from blip_triton_bench.correctness import AGREEMENT_THRESHOLDS
-from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
-from blip_triton_bench.export import ExportedModel, export_model
-from blip_triton_bench.model import LoadedModel
-from blip_triton_bench.quantize import DEFAULT_RECIPE, QuantizationRecipe, quantize_model
-from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
+from blip_triton_bench.host.environment import max_ir_version_onnxruntime_loads
+from blip_triton_bench.judging.agreement import AgreementBelowThreshold, check_agreement, measure_agreement
+from blip_triton_bench.judging.correctness import AGREEMENT_THRESHOLDS
+from blip_triton_bench.model.export import ExportedModel, export_model
+from blip_triton_bench.model.quantize import DEFAULT_RECIPE, QuantizationRecipe, quantize_model
+from blip_triton_bench.model.source import LoadedModel
+from blip_triton_bench.model.workload import ModelInputs, load_image, preprocess, token_ids
 
 pytestmark = pytest.mark.unit
 
@@ -127,7 +127,7 @@ def test_int8_agreement_with_fp32_on_real_images(
 
     assert agreement.positions == len(IMAGES) * 16
     assert 0 < agreement.cosine_mean < 1  # INT8 changes the logits, but keeps their direction
-    # Measured on this host: top-1 95.8%, cosine min 0.9997 (blip_triton_bench/correctness.py states the threshold's basis).
+    # Measured on this host: top-1 95.8%, cosine min 0.9997 (blip_triton_bench/judging/correctness.py states the threshold's basis).
     check_agreement(
         "tiny int8 vs fp32", logits(int8.onnx_path, requests), reference, AGREEMENT_THRESHOLDS["int8_vs_fp32"]
     )

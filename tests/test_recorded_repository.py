@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.baselines import BaselineStore
 from blip_triton_bench.fixtures.verdicts import enforce_verdict
-from blip_triton_bench.load import CONCURRENCY, LoadLevel
-from blip_triton_bench.proof import Judgement, Outcome
-from blip_triton_bench.recorded_repository import (
+from blip_triton_bench.judging.baselines import BaselineStore
+from blip_triton_bench.judging.proof import Judgement, Outcome
+from blip_triton_bench.judging.verdict import VerdictStatus
+from blip_triton_bench.load.engine import CONCURRENCY, LoadLevel
+from blip_triton_bench.repository.recorded import (
     RECORDED_REPOSITORY_DIRNAME,
     RecordedRepositoryError,
     keep_recorded,
     replay_repository,
 )
-from blip_triton_bench.repository import discover_variants
+from blip_triton_bench.repository.variants import discover_variants
 from blip_triton_bench.session import BenchSession
-from blip_triton_bench.verdict import VerdictStatus
 from tests.test_baselines import fingerprint  # noqa: F401  (a fixture)
 from tests.test_report import judged_level
 from tests.test_session import perf_run

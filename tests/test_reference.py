@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from blip_triton_bench.reference import CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER, reference_provider
-from blip_triton_bench.repository import discover_variants, parse_config
+from blip_triton_bench.model.reference import CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER, reference_provider
+from blip_triton_bench.repository.variants import discover_variants, parse_config
 
 pytestmark = pytest.mark.unit
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.efficiency import FormedBatch, time_in_process
-from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LevelMeasurement, LoadLevel, ServerStatistics
-from blip_triton_bench.perf import JudgedLevel
+from blip_triton_bench.judging.efficiency import FormedBatch, time_in_process
+from blip_triton_bench.judging.stats import ServerStatistics, WindowSample, assess_stability, summarize_level
+from blip_triton_bench.judging.verdict import compare_level
+from blip_triton_bench.load.engine import CONCURRENCY, REQUEST_RATE, LevelMeasurement, LoadLevel
+from blip_triton_bench.report.selection import serving_efficiency
 from blip_triton_bench.report.text import markdown_table, verdict_text
 from blip_triton_bench.report.write import write_report
-from blip_triton_bench.resources import ResourceUsage
-from blip_triton_bench.selection import serving_efficiency
-from blip_triton_bench.stats import WindowSample, assess_stability, summarize_level
-from blip_triton_bench.verdict import compare_level
+from blip_triton_bench.runs.perf import JudgedLevel
+from blip_triton_bench.servers.resources import ResourceUsage
 
 pytestmark = pytest.mark.unit
 

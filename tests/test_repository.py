@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.environment import ProviderProbe
-from blip_triton_bench.repository import (
+from blip_triton_bench.host.environment import ProviderProbe
+from blip_triton_bench.repository.variants import (
     CAPTIONER_ROLE,
     COMPONENT_ROLE,
     LOGITS_ROLE,
@@ -439,8 +439,8 @@ def test_a_variant_folder_linked_out_of_the_repository_is_refused(tmp_path: Path
 
 
 def test_staging_never_writes_outside_its_folder_nor_over_a_file(tmp_path: Path) -> None:
-    from blip_triton_bench.files import link_or_copy
-    from blip_triton_bench.repository import staged_path
+    from blip_triton_bench.host.files import link_or_copy
+    from blip_triton_bench.repository.variants import staged_path
 
     target = tmp_path / "staged" / "variant"
     config = tmp_path / "config.pbtxt"
@@ -459,7 +459,7 @@ def test_staging_never_writes_outside_its_folder_nor_over_a_file(tmp_path: Path)
 
 
 def test_a_copy_where_no_link_can_be_made_never_replaces_a_file(tmp_path: Path, monkeypatch) -> None:
-    from blip_triton_bench import files
+    from blip_triton_bench.host import files
 
     def cross_device(source, destination):
         raise OSError(18, "Invalid cross-device link")

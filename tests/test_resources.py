@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.resources import (
+from blip_triton_bench.servers.base import Endpoints
+from blip_triton_bench.servers.container import container_gpu_indices
+from blip_triton_bench.servers.external import ExternalServer
+from blip_triton_bench.servers.resources import (
     GpuReading,
     NvmlGpus,
     ProcessReading,
@@ -15,9 +18,6 @@ from blip_triton_bench.resources import (
     docker_stats_reading,
     summarize_resources,
 )
-from blip_triton_bench.servers.base import Endpoints
-from blip_triton_bench.servers.container import container_gpu_indices
-from blip_triton_bench.servers.external import ExternalServer
 
 pytestmark = pytest.mark.unit
 

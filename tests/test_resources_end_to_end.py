@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.baselines import BaselineStore
-from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings
-from blip_triton_bench.perf import PerfRun, PerfSettings
-from blip_triton_bench.repository import discover_variants, stage_repository
-from blip_triton_bench.resources import NvmlGpus
+from blip_triton_bench.judging.baselines import BaselineStore
+from blip_triton_bench.load.engine import CONCURRENCY, LoadLevel, LoadSettings
+from blip_triton_bench.model.workload import build_inputs
+from blip_triton_bench.repository.variants import discover_variants, stage_repository
+from blip_triton_bench.runs.perf import PerfRun, PerfSettings
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
-from blip_triton_bench.workload import build_inputs
+from blip_triton_bench.servers.resources import NvmlGpus
 from tests.test_baselines import fingerprint  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.server

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.baselines import BaselineStore
-from blip_triton_bench.load import CONCURRENCY, LoadLevel, LoadSettings
-from blip_triton_bench.perf import JudgedNumbers, PerfRun, PerfSettings
-from blip_triton_bench.repository import discover_variants
+from blip_triton_bench.judging.baselines import BaselineStore
+from blip_triton_bench.load.engine import CONCURRENCY, LoadLevel, LoadSettings
+from blip_triton_bench.repository.variants import discover_variants
+from blip_triton_bench.runs.perf import JudgedNumbers, PerfRun, PerfSettings
 from blip_triton_bench.servers.base import ModelLoad, ServerStartError
 from blip_triton_bench.session import BenchSession
 from tests.test_baselines import fingerprint  # noqa: F401  (a fixture)
@@ -180,8 +180,8 @@ def test_a_report_that_cannot_be_written_is_one_summary_line_and_the_tables_stay
 
 #: A test that hands the session a synthetic measurement, as the perf tests do, so pytest's own end runs.
 SYNTHETIC_TEST = """
-from blip_triton_bench.baselines import BaselineStore
-from blip_triton_bench.load import CONCURRENCY, LoadLevel
+from blip_triton_bench.judging.baselines import BaselineStore
+from blip_triton_bench.load.engine import CONCURRENCY, LoadLevel
 from tests.test_baselines import fingerprint
 from tests.test_report import judged_level
 from tests.test_session import gated_session, perf_run

@@ -15,12 +15,16 @@ import numpy as np
 import pytest
 import tritonclient.http as triton_http
 
-from blip_triton_bench.ceiling import stage_ceiling_model
-from blip_triton_bench.load import CONCURRENCY, REQUEST_RATE, LoadLevel, LoadSettings, measure_level, open_inferer
-from blip_triton_bench.servers.local import LocalProvider, LocalServer
-from blip_triton_bench.shared_memory import (
-    REGION_PREFIX,
-    SYSTEM_SHM_DIR,
+from blip_triton_bench.load.ceiling import stage_ceiling_model
+from blip_triton_bench.load.engine import (
+    CONCURRENCY,
+    REQUEST_RATE,
+    LoadLevel,
+    LoadSettings,
+    measure_level,
+    open_inferer,
+)
+from blip_triton_bench.load.shared_memory import (
     SharedMemoryError,
     check_options,
     check_reachable,
@@ -30,7 +34,9 @@ from blip_triton_bench.shared_memory import (
     resolve_output_shape,
     shared_memory_kind,
 )
-from blip_triton_bench.workload import ModelInputs
+from blip_triton_bench.model.workload import ModelInputs
+from blip_triton_bench.servers.leftovers import SHM_PREFIX, SYSTEM_SHM_DIR
+from blip_triton_bench.servers.local import LocalProvider, LocalServer
 
 IMAGE_SIZE, VOCAB, SEQUENCE = 384, 30524, 16
 SYSTEM = LoadSettings(window_s=0.5, warmup_s=0.2, max_windows=3, min_requests_per_window=1, shared_memory="system")
@@ -74,7 +80,7 @@ def test_output_shape_needs_every_dynamic_dim_resolvable() -> None:
 def test_level_tags_are_unique_and_say_whose_they_are() -> None:
     tags = {level_tag() for _ in range(100)}
     assert len(tags) == 100
-    assert level_tag(pid=42, token="abc") == f"{REGION_PREFIX}-42-abc"
+    assert level_tag(pid=42, token="abc") == f"{SHM_PREFIX}-42-abc"
 
 
 @pytest.mark.unit
@@ -211,7 +217,7 @@ def test_system_shared_memory_returns_the_same_logits_and_leaves_nothing(
     inline, held_inline = asyncio.run(_one_output(url, protocol, model, LoadSettings()))
     shared, held = asyncio.run(_one_output(url, protocol, model, keyed(SYSTEM, running)))
     assert held_inline == []
-    assert len([name for name in held if name.startswith(REGION_PREFIX)]) == 3  # inputs + 2 output slots
+    assert len([name for name in held if name.startswith(SHM_PREFIX)]) == 3  # inputs + 2 output slots
     assert inline.shape == (1, SEQUENCE, VOCAB) and np.abs(inline).max() > 0  # a fresh region reads as zeros
     np.testing.assert_array_equal(shared, inline)
 

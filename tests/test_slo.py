@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from blip_triton_bench.caption_load import CaptionRecord
-from blip_triton_bench.slo import (
+from blip_triton_bench.captioning.load import CaptionRecord
+from blip_triton_bench.judging.slo import (
     CAPTION_QUANTITIES,
     REQUEST_QUANTITIES,
     RequestOutcome,
@@ -20,7 +20,7 @@ from blip_triton_bench.slo import (
     requests_to_show_met,
     window_outcomes,
 )
-from blip_triton_bench.stats import WindowSample
+from blip_triton_bench.judging.stats import WindowSample
 
 pytestmark = pytest.mark.unit
 

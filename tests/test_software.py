@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from blip_triton_bench.baselines import CONTENT_DIGEST_FIELD, Baseline, BaselineError, BaselineStore
 from blip_triton_bench.fixtures.verdicts import enforce_verdict
-from blip_triton_bench.perf import record_judgement
-from blip_triton_bench.proof import Judgement, Outcome
-from blip_triton_bench.repository import discover_variants
+from blip_triton_bench.host.software import software_changes, speed_software
+from blip_triton_bench.judging.baselines import CONTENT_DIGEST_FIELD, Baseline, BaselineError, BaselineStore
+from blip_triton_bench.judging.proof import Judgement, Outcome
+from blip_triton_bench.repository.variants import discover_variants
+from blip_triton_bench.runs.perf import record_judgement
 from blip_triton_bench.session import BenchSession
-from blip_triton_bench.software import software_changes, speed_software
 from tests.test_baselines import fingerprint  # noqa: F401  (a fixture)
 from tests.test_session import perf_run
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from blip_triton_bench.caption import greedy_caption
-from blip_triton_bench.correctness import TOLERANCES, Tolerance, assert_close
-from blip_triton_bench.environment import max_ir_version_onnxruntime_loads
-from blip_triton_bench.export import export_model
-from blip_triton_bench.model import LoadedModel, ModelSpec, load_model, weights_digest
-from blip_triton_bench.split_export import (
+from blip_triton_bench.captioning.caption import greedy_caption
+from blip_triton_bench.host.environment import max_ir_version_onnxruntime_loads
+from blip_triton_bench.judging.correctness import TOLERANCES, Tolerance, assert_close
+from blip_triton_bench.model.export import export_model
+from blip_triton_bench.model.source import LoadedModel, ModelSpec, load_model, weights_digest
+from blip_triton_bench.model.split_export import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     VISION_INPUT,
@@ -36,7 +36,7 @@ from blip_triton_bench.split_export import (
     onnxruntime_runners,
     step_feeds,
 )
-from blip_triton_bench.workload import ModelInputs, load_image, preprocess, token_ids
+from blip_triton_bench.model.workload import ModelInputs, load_image, preprocess, token_ids
 
 pytestmark = pytest.mark.unit
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from blip_triton_bench import stats
-from blip_triton_bench.stats import (
+from blip_triton_bench.judging import stats
+from blip_triton_bench.judging.stats import (
     WindowSample,
     assess_stability,
     latency_percentile,

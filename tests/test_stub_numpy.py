@@ -13,13 +13,13 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from blip_triton_bench.client import TritonInferClient
-from blip_triton_bench.correctness import TOLERANCES, assert_close
-from blip_triton_bench.model import LoadedModel
+from blip_triton_bench.judging.correctness import TOLERANCES, assert_close
+from blip_triton_bench.load.client import TritonInferClient
+from blip_triton_bench.model.source import LoadedModel
+from blip_triton_bench.model.workload import build_inputs
 from blip_triton_bench.options import BenchOptions
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 from blip_triton_bench.servers.stub_env import stub_interpreter
-from blip_triton_bench.workload import build_inputs
 
 pytestmark = pytest.mark.server
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import BlipConfig, BlipForConditionalGeneration
 
-from blip_triton_bench.model import TINY_TEXT, TINY_VISION, LoadedModel, ModelSpec, load_model, synthetic_config
-from blip_triton_bench.student import (
+from blip_triton_bench.model.source import TINY_TEXT, TINY_VISION, LoadedModel, ModelSpec, load_model, synthetic_config
+from blip_triton_bench.model.student import (
     build_student,
     distill,
     initialize_from_teacher,

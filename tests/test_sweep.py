@@ -11,13 +11,12 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from blip_triton_bench.correctness import OutputMismatch
-from blip_triton_bench.load import REQUEST_RATE
+from blip_triton_bench.judging.correctness import OutputMismatch
+from blip_triton_bench.load.engine import REQUEST_RATE
 from blip_triton_bench.report.text import SWEEP_CSV_COLUMNS as CSV_COLUMNS
 from blip_triton_bench.report.write import BEST_CONFIG, write_sweep_report
-from blip_triton_bench.repository import parse_config
-from blip_triton_bench.servers.base import ServerStartError
-from blip_triton_bench.sweep import (
+from blip_triton_bench.repository.variants import parse_config
+from blip_triton_bench.runs.sweep import (
     AUTO,
     DEFAULT_GRID,
     GRID_KEYS,
@@ -35,6 +34,7 @@ from blip_triton_bench.sweep import (
     sweep_points,
     write_config,
 )
+from blip_triton_bench.servers.base import ServerStartError
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.verdict import VerdictStatus, compare, compare_level
+from blip_triton_bench.judging.verdict import VerdictStatus, compare, compare_level
 
 pytestmark = pytest.mark.unit
 
@@ -88,7 +88,7 @@ def test_compare_level_judges_gated_metrics_with_the_larger_of_both_runs_spreads
 
 
 def test_p99_of_few_requests_is_never_a_failure() -> None:
-    from blip_triton_bench.verdict import MIN_REQUESTS_FOR_P99_VERDICT
+    from blip_triton_bench.judging.verdict import MIN_REQUESTS_FOR_P99_VERDICT
 
     baseline = {"latency_p99_ms": 100.0, "p99_spread_pct": 1.0}
     few = {"latency_p99_ms": 150.0, "p99_spread_pct": 1.0, "request_count": MIN_REQUESTS_FOR_P99_VERDICT - 1.0}
@@ -101,7 +101,7 @@ def test_p99_of_few_requests_is_never_a_failure() -> None:
 
 
 def test_the_exceedances_a_p99_regression_needs_follow_the_binomial_bound() -> None:
-    from blip_triton_bench.verdict import exceedances_for_regression
+    from blip_triton_bench.judging.verdict import exceedances_for_regression
 
     # P(Binomial(n, 1 %) >= k) < 1 %: one request of 5 above the limit happens 4.9 % of the time, two 0.1 %
     assert [exceedances_for_regression(n) for n in (1, 2, 5, 20, 60, 100)] == [2, 2, 2, 3, 4, 5]

@@ -10,12 +10,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from blip_triton_bench.ab import ABLevel
-from blip_triton_bench.caption_load import CAPTION_CONCURRENCY, CaptionLevelMeasurement
-from blip_triton_bench.load import CONCURRENCY
-from blip_triton_bench.perf import JudgedLevel
-from blip_triton_bench.selection import VariantSummary
-from blip_triton_bench.sweep import SweepMeasurement
+from blip_triton_bench.captioning.load import CAPTION_CONCURRENCY, CaptionLevelMeasurement
+from blip_triton_bench.load.engine import CONCURRENCY
+from blip_triton_bench.report.selection import VariantSummary
+from blip_triton_bench.runs.ab import ABLevel
+from blip_triton_bench.runs.perf import JudgedLevel
+from blip_triton_bench.runs.sweep import SweepMeasurement
 
 
 def pyplot():

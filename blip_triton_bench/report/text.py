@@ -9,16 +9,16 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
-from blip_triton_bench.ab import ABLevel
-from blip_triton_bench.capacity import CapacityResult
-from blip_triton_bench.caption_latency import CaptionLatency, speedup
-from blip_triton_bench.caption_load import CAPTION_CONCURRENCY, CaptionLevelMeasurement
-from blip_triton_bench.load import CONCURRENCY, OPEN_LOOP_BACKLOG_S, LevelMeasurement
-from blip_triton_bench.perf import STARTUP_LEVEL, FailedLevel, JudgedLevel, JudgedNumbers
-from blip_triton_bench.resources import ResourceUsage
-from blip_triton_bench.selection import ServingEfficiency, VariantSummary
-from blip_triton_bench.slo import SLOResult
-from blip_triton_bench.sweep import SweepFailure, SweepMeasurement, SweepPoint
+from blip_triton_bench.captioning.latency import CaptionLatency, speedup
+from blip_triton_bench.captioning.load import CAPTION_CONCURRENCY, CaptionLevelMeasurement
+from blip_triton_bench.judging.slo import SLOResult
+from blip_triton_bench.load.engine import CONCURRENCY, OPEN_LOOP_BACKLOG_S, LevelMeasurement
+from blip_triton_bench.report.selection import ServingEfficiency, VariantSummary
+from blip_triton_bench.runs.ab import ABLevel
+from blip_triton_bench.runs.capacity import CapacityResult
+from blip_triton_bench.runs.perf import STARTUP_LEVEL, FailedLevel, JudgedLevel, JudgedNumbers
+from blip_triton_bench.runs.sweep import SweepFailure, SweepMeasurement, SweepPoint
+from blip_triton_bench.servers.resources import ResourceUsage
 
 #: Resource use per level under Model Analyzer's names (perf_analyzer has none): CPU as a mean over the measured
 #: windows, memory as its peak, GPU utilisation and power as means.

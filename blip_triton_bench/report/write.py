@@ -13,14 +13,14 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2
 
-from blip_triton_bench.efficiency import InProcessReference
-from blip_triton_bench.files import write_text_atomic
-from blip_triton_bench.perf import STARTUP_LEVEL, JudgedLevel, JudgedNumbers, PerfRun
+from blip_triton_bench.host.files import write_text_atomic
+from blip_triton_bench.judging.efficiency import InProcessReference
 from blip_triton_bench.report.plots import (
     plot_frontier,
     plot_levels,
     plot_resources,
 )
+from blip_triton_bench.report.selection import serving_efficiency
 from blip_triton_bench.report.text import (
     CSV_COLUMNS,
     budget_text,
@@ -35,8 +35,8 @@ from blip_triton_bench.report.text import (
     sweep_markdown,
     winner_sentence,
 )
-from blip_triton_bench.selection import serving_efficiency
-from blip_triton_bench.sweep import (
+from blip_triton_bench.runs.perf import STARTUP_LEVEL, JudgedLevel, JudgedNumbers, PerfRun
+from blip_triton_bench.runs.sweep import (
     SweepFailure,
     SweepMeasurement,
     SweepPoint,

@@ -7,10 +7,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from blip_triton_bench.repository import Variant
+from blip_triton_bench.repository.variants import Variant
 from blip_triton_bench.servers.base import ModelLoad, RunningServer, ServerStartError
-from blip_triton_bench.session import BenchSession
+
+
+class ModelLoadRecord(Protocol):
+    """Where a run keeps each model's load (runs.session.BenchSession)."""
+
+    def record_model_load(self, name: str, load: ModelLoad | ServerStartError) -> ModelLoad | ServerStartError:
+        """Keep `load` unless `name` was loaded before; return the load kept."""
+        ...
+
+    def record_failed_load(self, name: str, error: ServerStartError) -> None:
+        """`name` failed to load: later asks see this error."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -27,7 +39,7 @@ class ServedVariant:
 
 
 def serve(
-    variant: Variant, staged: Mapping[str, Variant], server: RunningServer, session: BenchSession
+    variant: Variant, staged: Mapping[str, Variant], server: RunningServer, session: ModelLoadRecord
 ) -> ServedVariant:
     """Load the models `variant` calls, then `variant` (Triton loads neither for a BLS model); its load time
     counts them all. On an external server nothing is loaded: each must be ready as the repository says.
@@ -37,7 +49,7 @@ def serve(
         try:
             load = server.prepare_variant(staged[name])
         except ServerStartError as error:
-            session.model_loads[name] = error
+            session.record_failed_load(name, error)
             raise
         first = session.record_model_load(name, load)
         load_s += (first if isinstance(first, ModelLoad) else load).load_s

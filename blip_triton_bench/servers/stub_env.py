@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from blip_triton_bench.files import produce_directory
+from blip_triton_bench.host.files import produce_directory
 from blip_triton_bench.servers.base import ServerStartError
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from blip_triton_bench.repository import Variant
-from blip_triton_bench.resources import ProcessReading, ResourceSource
+from blip_triton_bench.repository.variants import Variant
 from blip_triton_bench.servers.base import (
     ModelLoad,
     RunningServer,
@@ -20,6 +19,7 @@ from blip_triton_bench.servers.base import (
     ServerProvider,
     ServerStartError,
 )
+from blip_triton_bench.servers.resources import ProcessReading, ResourceSource
 
 #: How many of a dead server's log lines its account quotes.
 DEATH_LOG_LINES = 30
