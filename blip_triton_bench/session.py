@@ -150,6 +150,10 @@ class BenchSession:
             if variant.name in loads
         }
 
+    def record_artifact_bytes(self, name: str, size: int) -> None:
+        """The bytes staged for model `name` (its own folder; variant_bytes adds the models it calls)."""
+        self.artifact_bytes[name] = size
+
     def variant_bytes(self) -> dict[str, int]:
         """Bytes staged per variant, counting the models it calls."""
         sizes = dict(self.artifact_bytes)

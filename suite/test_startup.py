@@ -31,20 +31,12 @@ def cold_start(
     tmp_path_factory: pytest.TempPathFactory,
     bench_session,
 ) -> ColdStart:
-    from blip_triton_bench.servers.choice import make_provider
+    from blip_triton_bench.assembly import server_provider
 
     choice = server_choice
     if choice.kind == "external":
         pytest.skip("--server external: the suite starts no server there, so it has no cold start to measure")
-    provider, _ = make_provider(
-        choice,
-        tmp_path_factory.mktemp("cold-start"),
-        bench_options.server_timeout_s,
-        host_info,
-        bench_options.cache_dir,
-        None,
-        None,
-    )
+    provider = server_provider(choice, bench_options, host_info, tmp_path_factory.mktemp("cold-start")).provider
     measured = measure_cold_start(provider, staged_repository.root, REPEATS)
     bench_session.notes.append(
         f"cold start ({measured.provider}, start to ready): "

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from blip_triton_bench.fixtures.collection import RunPlan, role_params, variants_under_test
+from blip_triton_bench.assembly import RunPlan
+from blip_triton_bench.fixtures.collection import role_params, variants_under_test
 from blip_triton_bench.host.hardware import HostInfo
 from blip_triton_bench.repository.variants import CAPTIONER_ROLE, LOGITS_ROLE, discover_variants, select_variants
 
