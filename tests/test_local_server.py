@@ -5,6 +5,7 @@ Each config below exercises one thing the backend must honour or one failure a u
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import threading
@@ -24,7 +25,7 @@ from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from blip_triton_bench.host.hardware import query_gpus
-from blip_triton_bench.servers.base import ServerStartError
+from blip_triton_bench.servers.base import ServerDied, ServerStartError
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 
 pytestmark = pytest.mark.server
@@ -293,3 +294,40 @@ def test_shared_memory_logging_and_trace_need_the_runs_key_too(server: LocalServ
         client.get_trace_settings(headers=keyed)
         assert client.is_server_live() and client.is_model_ready("doubler")  # health and metadata stay open
         client.close()
+
+
+SLOW_START_MODEL = """
+import time
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(600)  # long past the test's bounds: only the server's death can end this load
+"""
+
+
+def test_a_server_that_dies_mid_load_ends_the_load_at_once_with_its_cause(tmp_path: Path) -> None:
+    """Triton 2.51's Python backend can abort while initialising instances (boost lock_exception, SIGABRT); the
+    stubs inherit the load call's connection and hold it open, so before this the load waited out --server-timeout
+    (300 s) against a dead server."""
+    repository = tmp_path / "repository"
+    (repository / "slow_start" / "1").mkdir(parents=True)
+    (repository / "slow_start" / "1" / "model.py").write_text(SLOW_START_MODEL)
+    (repository / "slow_start" / "config.pbtxt").write_text(
+        'name: "slow_start"\nbackend: "python"\nmax_batch_size: 0\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    )
+    with LocalProvider(tmp_path / "server", startup_timeout_s=300).start(repository) as server:
+
+        def abort_once_initialising() -> None:
+            deadline = time.monotonic() + 120  # a hang guard only
+            while "ModelInstanceInitialize: slow_start" not in server.log_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            server.process.send_signal(signal.SIGABRT)
+
+        threading.Thread(target=abort_once_initialising, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(ServerDied, match=r"died while loading model 'slow_start': tritonserver .*SIGABRT"):
+            server.load_model("slow_start")
+    assert time.monotonic() - started < 150  # the load's own deadline is 300 s

@@ -16,6 +16,7 @@ from blip_triton_bench.servers.base import (
     ModelLoad,
     RunningServer,
     ServerDescription,
+    ServerDied,
     ServerProvider,
     ServerStartError,
 )
@@ -23,10 +24,6 @@ from blip_triton_bench.servers.resources import ProcessReading, ResourceSource
 
 #: How many of a dead server's log lines its account quotes.
 DEATH_LOG_LINES = 30
-
-
-class ServerDied(ServerStartError):
-    """The server under test is gone, and (for an external one) cannot be brought back by the suite."""
 
 
 @dataclass(frozen=True)
