@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.judging.proof import Judgement, Outcome
+from blip_triton_bench.judging.proof import Judgement, verdict_outcome
 from blip_triton_bench.load.engine import LevelAborted, LoadLevel
 from blip_triton_bench.model.source import ModelDescription
 from blip_triton_bench.model.workload import load_image, preprocess
@@ -56,7 +56,7 @@ def fail_on_regression(compared: ABLevel, judgement: Judgement) -> None:
     verdict = compared.verdict
     judgement.judged(
         f"{compared.level_id} {verdict.unit}",
-        Outcome(verdict.status.value),
+        verdict_outcome(verdict.status.value),
         f"{verdict.effect_pct:+.1f} % against the 'before' side over {verdict.rounds} rounds, p = {verdict.p_value:.3f}",
     )
     if verdict.failed:

@@ -48,11 +48,11 @@ def test_a_level_passed_on_throughput_but_with_too_few_requests_for_its_p99_judg
     findings = {f.check: f for f in judgement.findings("base_model_cpu", "throughput_and_latency[c1]")}
     throughput = findings["throughput_and_latency[c1] concurrency=1 throughput_infer_per_s"]
     p99 = findings["throughput_and_latency[c1] concurrency=1 latency_p99_ms"]
-    named = Judgement([("concurrency=1 latency_p99_ms", Outcome.PASS, "")])
+    named = Judgement([("concurrency=1 latency_p99_ms", Outcome.WITHIN_TOLERANCE, "")])
     assert named.findings("v", "throughput_and_latency[concurrency=1]")[0].check == (
         "throughput_and_latency[concurrency=1] latency_p99_ms"  # the level is in the test's name already
     )
-    assert throughput.outcome is Outcome.PASS
+    assert throughput.outcome is Outcome.WITHIN_TOLERANCE
     assert p99.outcome is Outcome.NOT_JUDGED  # its rule does not hold at 60 requests: it could not have failed
     assert f"{MIN_REQUESTS_FOR_P99_VERDICT} are needed" in p99.reason and "60 requests" in p99.reason
 
@@ -84,17 +84,21 @@ def test_the_summary_counts_per_variant_and_names_everything_not_judged() -> Non
     proof = proof_of(
         Finding("", "onnxruntime_matches_pytorch", Outcome.PASSED),
         Finding("", "in_process_onnxruntime_reference", Outcome.MEASURED, "the in-process speed"),
-        Finding("base_model_cpu", "throughput_and_latency[c1] concurrency=1 throughput_infer_per_s", Outcome.PASS),
+        Finding(
+            "base_model_cpu",
+            "throughput_and_latency[c1] concurrency=1 throughput_infer_per_s",
+            Outcome.WITHIN_TOLERANCE,
+        ),
         Finding("base_model_cpu", "throughput_and_latency[c4]", Outcome.NOT_JUDGED, "no baseline for c4"),
         Finding("base_model_cpu", "triton_matches_onnxruntime", Outcome.FAILED, "max abs error 0.3 > 1e-4"),
         Finding("base_model_gpu", "triton_matches_onnxruntime", Outcome.NOT_JUDGED, "needs 1 GPU, this host has 0"),
     )
     lines = proof.lines()
-    # the reference measurement is no check: 3 of 5 judged (passed, pass, failed)
+    # the reference measurement is no check: 3 of 5 judged (passed, within tolerance, failed)
     assert lines[0] == (
-        "what this run proved: 3 of 5 checks judged (1 passed, 1 failed, 1 pass, 2 not judged, 1 measured)"
+        "what this run proved: 3 of 5 checks judged (1 passed, 1 failed, 1 within tolerance, 2 not judged, 1 measured)"
     )
-    assert "  base_model_cpu: 1 failed, 1 pass, 1 not judged" in lines
+    assert "  base_model_cpu: 1 failed, 1 within tolerance, 1 not judged" in lines
     assert "    throughput_and_latency[c4]: not judged (no baseline for c4)" in lines
     assert "    triton_matches_onnxruntime: failed" in lines  # its message is pytest's to print, once
     assert "    triton_matches_onnxruntime: not judged (needs 1 GPU, this host has 0)" in lines

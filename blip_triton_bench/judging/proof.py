@@ -1,7 +1,7 @@
 """What a run proved: per variant, what was judged and how, and everything that was not, with its reason.
 
 A green run is worth what it checked. Each test of the suite leaves findings here: a level judged against its
-baseline or its 'before' side (pass, improved, inconclusive, regression), a gate passed or failed, or something
+baseline or its 'before' side (within tolerance, improved, inconclusive, regression), a gate passed or failed, or something
 not judged (skipped, no baseline, too few requests for a p99, an unstable level, a gate with nothing to hold the
 result to). A gate that could not have failed is never counted as a pass. No pytest in here: the plugin turns test
 reports into findings, the session prints and writes them.
@@ -17,12 +17,19 @@ from enum import StrEnum
 class Outcome(StrEnum):
     PASSED = "passed"  # a gate that could have failed held
     FAILED = "failed"  # a gate or a level failed (a regression included)
-    PASS = "pass"  # a level judged: within the tolerance of its baseline or its 'before'
+    # A level judged within the tolerance of its baseline or its 'before' (the verdict "pass"): named apart from a
+    # gate that passed, so a summary never reads "14 passed, 1 pass".
+    WITHIN_TOLERANCE = "within tolerance"
     IMPROVED = "improved"
     INCONCLUSIVE = "inconclusive"
     REGRESSION = "regression"  # judged worse, and recorded over all the same (--update-baselines)
     NOT_JUDGED = "not judged"
     MEASURED = "measured"  # a reference for the report or for other checks (in-process speed): judges nothing
+
+
+def verdict_outcome(status: str) -> Outcome:
+    """A level's verdict status (pass, improved, inconclusive, regression) as the finding it is."""
+    return Outcome.WITHIN_TOLERANCE if status == "pass" else Outcome(status)
 
 
 #: Outcomes that are a judgement.

@@ -23,7 +23,7 @@ from blip_triton_bench.judging.baselines import (
     Fingerprint,
     record_command,
 )
-from blip_triton_bench.judging.proof import Judgement, Outcome
+from blip_triton_bench.judging.proof import Judgement, verdict_outcome
 from blip_triton_bench.judging.slo import (
     REQUEST_QUANTITIES,
     RequestOutcome,
@@ -685,7 +685,7 @@ def record_judgement(judged: JudgedLevel | JudgedNumbers, judgement: Judgement, 
         else:
             changed = f"; {software_note(judged.software_changes)}" if judged.software_changes else ""
             judgement.judged(
-                part, Outcome(verdict.status.value), f"{verdict.change_pct:+.1f} % against its baseline{changed}"
+                part, verdict_outcome(verdict.status.value), f"{verdict.change_pct:+.1f} % against its baseline{changed}"
             )
     if not judged.verdicts:
         judgement.not_judged(judged.level_id, "its baseline holds none of the metrics this level is judged on")
