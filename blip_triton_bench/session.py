@@ -123,6 +123,69 @@ class BenchSession:
             return "its correctness tests failed"
         return None
 
+    def record_leftovers_removed(self, lines: list[str]) -> None:
+        """What a killed session left behind, removed as this one started (the report header lists it)."""
+        self.leftovers_removed = list(lines)
+
+    def record_server(self, server: RunningServer | None) -> None:
+        """The server under test while it runs (None once it is stopped): failures quote its log."""
+        self.server = server
+
+    def record_perf_run(self, run: PerfRun) -> None:
+        self.perf = run
+
+    def record_ab_run(self, run: ABRun) -> None:
+        self.ab = run
+
+    def record_in_process_speed(self, infer_per_s: float) -> None:
+        """The in-process CPU reference at batch 1, that served throughput is compared with."""
+        self.in_process_infer_per_s = infer_per_s
+
+    def test_started(self, nodeid: str) -> None:
+        self.running_test = nodeid
+
+    def test_ended(self) -> None:
+        self.running_test = None
+
+    def record_interrupt(self) -> None:
+        """Ctrl-C or SIGTERM ended the run: in the test that was running, else between tests."""
+        self.interrupted_during = self.running_test or "between tests"
+
+    def note(self, *lines: str) -> None:
+        """Lines for the summary's notes (what was reused, started, skipped, measured on the side)."""
+        self.notes.extend(lines)
+
+    def record_correctness_line(self, line: str) -> None:
+        """What a correctness check compared and how closely, for the report's correctness section."""
+        self.correctness.append(line)
+
+    def record_caption_match(self, variant: str, fraction: float) -> None:
+        """The fraction of the images whose caption equalled the reference's (kept current as images are checked)."""
+        self.caption_match[variant] = fraction
+
+    def record_accuracy(self, variant: str, agreement: Agreement) -> None:
+        self.accuracy[variant] = agreement
+
+    def record_caption_latency(self, latency: CaptionLatency) -> None:
+        """A captioner's (or the in-process decoder's) caption latency, under `latency.variant`."""
+        self.caption_latency[latency.variant] = latency
+
+    def record_caption_load(self, captioner: str, measurement: CaptionLevelMeasurement) -> None:
+        self.caption_load.append((captioner, measurement))
+
+    def record_in_process(self, variant: str, reference: InProcessReference, minimum: float | None) -> None:
+        """The in-process speed `variant`'s served throughput is compared with, and its config's minimum ratio."""
+        self.in_process[variant] = reference
+        if minimum is not None:
+            self.min_serving_efficiency[variant] = minimum
+
+    def record_sweep_load(self, name: str, load: ModelLoad | ServerStartError) -> None:
+        """A sweep point's load (each point is its own model, loaded once)."""
+        self.model_loads[name] = load
+
+    def record_sweep_lines(self, lines: list[str]) -> None:
+        self.sweep_lines.extend(lines)
+
     def record_server_death(self, death: ServerDeath) -> None:
         self.server_deaths.append(death)
         self.outcome = dataclasses.replace(self.outcome, server_deaths=len(self.server_deaths))

@@ -78,10 +78,10 @@ def test_accuracy_against_fp32_teacher(
 
     threshold_name = threshold_for_artifact(served_variant.variant.artifact)
     threshold = AGREEMENT_THRESHOLDS[threshold_name] if threshold_name else None
-    bench_session.caption_match[served_variant.name] = match
+    bench_session.record_caption_match(served_variant.name, match)
     agreement = check_agreement(f"{served_variant.name} logits vs FP32 teacher", served, expected, threshold)
-    bench_session.accuracy[served_variant.name] = agreement
-    bench_session.correctness.append(
+    bench_session.record_accuracy(served_variant.name, agreement)
+    bench_session.record_correctness_line(
         f"{served_variant.name} vs FP32 teacher ({served_variant.variant.artifact}): {agreement.describe()}; "
         f"caption exact match {match:.0%} over {len(IMAGES)} images"
         + (f" (threshold '{threshold_name}')" if threshold_name else " (measured; no threshold for this artifact)")

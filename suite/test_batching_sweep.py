@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 
+from blip_triton_bench.assembly import Serving
 from blip_triton_bench.judging.correctness import assert_close, serving_tolerance
 from blip_triton_bench.load.client import TritonInferClient
 from blip_triton_bench.load.engine import concurrency_levels
 from blip_triton_bench.model.reference import ReferenceSessions, reference_model_path
-from blip_triton_bench.model.workload import ModelInputs, build_inputs
+from blip_triton_bench.model.workload import ModelInputs
 from blip_triton_bench.report.write import write_sweep_report
-from blip_triton_bench.repository.variants import StagedRepository, Variant
-from blip_triton_bench.runs.perf import PerfSettings
+from blip_triton_bench.repository.variants import Variant
 from blip_triton_bench.runs.sweep import (
     SweepPoint,
     SweepResult,
@@ -27,7 +27,6 @@ from blip_triton_bench.runs.sweep import (
     run_sweep,
     sweep_points,
 )
-from blip_triton_bench.servers.base import RunningServer
 from blip_triton_bench.servers.choice import ServerChoice
 
 pytestmark = pytest.mark.perf
@@ -35,15 +34,12 @@ pytestmark = pytest.mark.perf
 
 def test_batching_and_instance_sweep(
     swept_variant: Variant,
-    triton_server: RunningServer,
-    staged_repository: StagedRepository,
+    serving: Serving,
     model_artifacts,
     reference_sessions: ReferenceSessions,
-    model_description,
     bench_options,
     bench_session,
     server_choice: ServerChoice,
-    load_workers,
 ) -> None:
     if server_choice.kind == "external":
         pytest.skip("--server external: the sweep writes configs into the server's repository, which it does not own")
@@ -54,7 +50,7 @@ def test_batching_and_instance_sweep(
     ]
     model_file = reference_model_path(swept_variant, model_artifacts)
     files = sorted(p for p in model_file.parent.iterdir() if p.name.startswith(model_file.name))
-    inputs = build_inputs(model_description, 1, bench_options.sequence_length)
+    inputs = serving.inputs
     (expected,) = reference_sessions.for_variant(swept_variant).run(["logits"], inputs.as_dict())
     tolerance = serving_tolerance(
         swept_variant.requirements.gpu_count > 0,
@@ -63,7 +59,7 @@ def test_batching_and_instance_sweep(
     )
 
     def check_outputs(point_name: str, point_inputs: ModelInputs) -> None:
-        with TritonInferClient(triton_server.endpoints.grpc_url, "grpc") as client:
+        with TritonInferClient(serving.server.endpoints.grpc_url, "grpc") as client:
             assert_close("logits", client.infer(point_name, point_inputs), expected, tolerance)
 
     directory = bench_options.report_dir / "sweep" / swept_variant.name
@@ -84,21 +80,21 @@ def test_batching_and_instance_sweep(
     def measure_point(point: SweepPoint):
         return point_measurements(
             point,
-            triton_server,
-            staged_repository.root,
+            serving.server,
+            serving.staged.root,
             files,
             swept_variant.model_filename,
             inputs,
             check_outputs,
             concurrency_levels(bench_options.sweep_concurrency),
-            PerfSettings.from_options(bench_options, triton_server.restricted_api_headers()).load,
-            bench_session.model_loads.__setitem__,
-            load_workers,
+            serving.settings.load,
+            bench_session.record_sweep_load,
+            serving.workers,
         )
 
     result = run_sweep(points, measure_point, write_progress)
     report = reports[-1]
-    bench_session.sweep_lines.extend(report.lines)
+    bench_session.record_sweep_lines(report.lines)
     assert not result.failures, "sweep points failed (the others are in the report):\n" + "\n".join(
         f"{failure.point_name}: {failure.cause}" for failure in result.failures
     )

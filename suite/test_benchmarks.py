@@ -40,5 +40,5 @@ def test_in_process_onnxruntime_reference(
     session = reference_sessions.for_export()
     (logits,) = benchmark.pedantic(session.run, args=(["logits"], inputs), rounds=ROUNDS, warmup_rounds=1)
     assert logits.shape == (1, bench_options.sequence_length, model_description.vocab_size)
-    bench_session.in_process_infer_per_s = 1.0 / benchmark.stats.stats.median
+    bench_session.record_in_process_speed(1.0 / benchmark.stats.stats.median)
     judgement.measured("", "the in-process speed served throughput is compared with")

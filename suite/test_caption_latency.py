@@ -28,7 +28,7 @@ def judge(
     latency: CaptionLatency, served: ServedVariant, perf_run: PerfRun, bench_session, judgement: Judgement
 ) -> None:
     assert all(len(caption.generated_ids) == latency.output_tokens for caption in latency.captions)
-    bench_session.caption_latency[served.name] = latency
+    bench_session.record_caption_latency(latency)
     enforce_measured_numbers(perf_run, judgement, served.variant, latency.metrics(), CAPTION_LEVEL)
 
 
@@ -100,5 +100,5 @@ def test_in_process_decoder_floor(
         captions.append(Caption(cached.token_ids, (first, *cached.step_latencies_ms[1:])))
     latency = CaptionLatency(in_process_key(served_captioner.name), IN_PROCESS_WAY, tuple(captions))
     assert latency.output_tokens == bench_options.caption_tokens
-    bench_session.caption_latency[latency.variant] = latency
+    bench_session.record_caption_latency(latency)
     judgement.measured("", "the in-process decoder step the served inter-token latency is compared with")

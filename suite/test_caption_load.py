@@ -41,7 +41,7 @@ def test_caption_load(
     # the caption every one under load must equal (alone: see test_captioner.py)
     request = caption_request_alone(url, served_captioner.name, pixel_values, tokens)
     measurement = measure_caption_level(url, request, caption_load_level, perf_run.settings.load)
-    bench_session.caption_load.append((served_captioner.name, measurement))
+    bench_session.record_caption_load(served_captioner.name, measurement)
     errors = measurement.errors
     assert not errors, f"{len(errors)} caption(s) failed under {caption_load_level.level_id}; the first: {errors[0]}"
     assert measurement.captions, (

@@ -50,7 +50,7 @@ def test_captioner_tokens_equal_generate_and_monolithic_loop(
         outcomes[image_name] = True
     finally:
         # the fraction of the images compared so far, so one failed image never leaves a 100 % match behind
-        bench_session.caption_match[served_captioner.name] = sum(outcomes.values()) / len(outcomes)
+        bench_session.record_caption_match(served_captioner.name, sum(outcomes.values()) / len(outcomes))
 
 
 def _check_captioner_tokens(
@@ -73,7 +73,7 @@ def _check_captioner_tokens(
     assert list(served.token_ids) == expected, "the captioner's tokens differ from HF generate()"
     assert list(monolithic.token_ids) == expected, "the monolithic loop's tokens differ from HF generate()"
     assert len(served.step_latencies_ms) == len(served.generated_ids)  # one streamed response per token
-    bench_session.correctness.append(
+    bench_session.record_correctness_line(
         f"{served_captioner.name} on {image_name}: {len(served.generated_ids)} tokens, equal to generate() and to "
         "the monolithic loop"
     )
@@ -162,7 +162,7 @@ def test_concurrent_captions_of_different_images_each_equal_their_own_generate(
     ]
     assert not mismatched, f"concurrent captions differ from their own generate(): {', '.join(mismatched)}"
     assert len({tuple(ids) for ids in served}) > 1, "the images must caption differently for the check to mean much"
-    bench_session.correctness.append(
+    bench_session.record_correctness_line(
         f"{served_captioner.name}: {count} concurrent captions of {len(images)} images, joining mid-caption, each "
         "equal to its own generate()"
     )

@@ -32,7 +32,7 @@ def test_onnxruntime_matches_pytorch(
 
     assert onnx_logits.shape == (batch_size, sequence_length, loaded_model.description.vocab_size)
     comparison = assert_close("logits", onnx_logits, torch_logits, TOLERANCES["onnxruntime_vs_pytorch"])
-    bench_session.correctness.append(
+    bench_session.record_correctness_line(
         f"onnxruntime vs pytorch, batch {batch_size}, sequence {sequence_length}: max abs error "
         f"{comparison.max_abs_error:.2e}, relative {comparison.max_rel_error:.2e}"
     )

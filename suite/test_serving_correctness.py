@@ -51,7 +51,7 @@ def test_triton_matches_onnxruntime(
             served = client.infer(served_variant.name, inputs)
             (expected,) = session.run(["logits"], inputs.as_dict())
             comparison = assert_close("logits", served, expected, tolerance)
-            bench_session.correctness.append(
+            bench_session.record_correctness_line(
                 f"triton {served_variant.name} vs onnxruntime ({reference.describe()}), {protocol}, batch "
                 f"{batch_size}: max abs error {comparison.max_abs_error:.2e} (tolerance '{tolerance.name}')"
             )

@@ -42,9 +42,7 @@ def test_served_throughput_against_in_process_at_the_formed_batch(
     provider = reference_sessions.provider_for(variant)
     inputs = build_inputs(model_description, batch.batch_size, bench_options.sequence_length).as_dict()
     reference = time_in_process(lambda: session.run(["logits"], inputs), batch, provider.describe(), best.level_id)
-    bench_session.in_process[variant.name] = reference
-    if minimum is not None:
-        bench_session.min_serving_efficiency[variant.name] = minimum
+    bench_session.record_in_process(variant.name, reference, minimum)
 
     shortfall = efficiency_shortfall(
         variant.name,

@@ -38,7 +38,7 @@ def cold_start(
         pytest.skip("--server external: the suite starts no server there, so it has no cold start to measure")
     provider = server_provider(choice, bench_options, host_info, tmp_path_factory.mktemp("cold-start")).provider
     measured = measure_cold_start(provider, staged_repository.root, REPEATS)
-    bench_session.notes.append(
+    bench_session.note(
         f"cold start ({measured.provider}, start to ready): "
         + ", ".join(f"{seconds:.2f} s" for seconds in measured.ready_s)
     )

@@ -118,3 +118,42 @@ def test_only_the_pytest_layer_imports_pytest() -> None:
             if any(name.split(".")[0] in ("pytest", "_pytest") for name in names):
                 importing.append(str(module.relative_to(package.parent)))
     assert importing == []
+
+
+#: The package's entry points for its pytest layer: the run's assembly, its options, its session, what a run proved,
+#: the repository's variants, and the perf run's results (what a suite test enforces).
+ENTRY_POINTS = {
+    "blip_triton_bench.assembly",
+    "blip_triton_bench.options",
+    "blip_triton_bench.session",
+    "blip_triton_bench.judging.proof",
+    "blip_triton_bench.repository.variants",
+    "blip_triton_bench.runs.perf",
+}
+#: The longest a fixture may be (decorator excluded): it hands out what the package builds.
+FIXTURE_LINES = 15
+
+
+def test_the_pytest_layer_reaches_the_package_through_its_entry_points_and_its_fixtures_only_hand_out() -> None:
+    """fixtures/ (installed as blip_triton_bench.fixtures) imports only ENTRY_POINTS of the package, counting
+    imports inside functions and under TYPE_CHECKING, and no fixture there is longer than FIXTURE_LINES."""
+    import ast
+
+    layer = Path(__file__).resolve().parents[1] / "fixtures"
+    imported, long_fixtures = set(), []
+    for module in sorted(layer.glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("blip_triton_bench"):
+                names = (
+                    [f"{node.module}.{alias.name}" for alias in node.names]
+                    if node.module == "blip_triton_bench"
+                    else [node.module]
+                )
+                imported.update(name for name in names if not name.startswith("blip_triton_bench.fixtures"))
+            fixture = isinstance(node, ast.FunctionDef) and any(
+                "fixture" in ast.unparse(d) for d in node.decorator_list
+            )
+            if fixture and (length := node.end_lineno - node.lineno + 1) > FIXTURE_LINES:
+                long_fixtures.append(f"{module.name}:{node.name} ({length} lines)")
+    assert imported <= ENTRY_POINTS, sorted(imported - ENTRY_POINTS)
+    assert long_fixtures == []

@@ -685,7 +685,9 @@ def record_judgement(judged: JudgedLevel | JudgedNumbers, judgement: Judgement, 
         else:
             changed = f"; {software_note(judged.software_changes)}" if judged.software_changes else ""
             judgement.judged(
-                part, verdict_outcome(verdict.status.value), f"{verdict.change_pct:+.1f} % against its baseline{changed}"
+                part,
+                verdict_outcome(verdict.status.value),
+                f"{verdict.change_pct:+.1f} % against its baseline{changed}",
             )
     if not judged.verdicts:
         judgement.not_judged(judged.level_id, "its baseline holds none of the metrics this level is judged on")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from blip_triton_bench.fixtures.plugin import SESSION_KEY
+from blip_triton_bench.fixtures.plugin import CONTEXT_KEY
 
 #: Requests the server must have answered inside the level before the signal: proof the level is under way.
 ANSWERED_BEFORE_SIGNAL = 5
@@ -35,7 +35,7 @@ def _wanted(item: pytest.Item, when: str) -> bool:
 
 
 def _server(config: pytest.Config):
-    return config.stash[SESSION_KEY].server.current
+    return config.stash[CONTEXT_KEY].session.server.current
 
 
 def _signal_and_wait(server) -> None:
