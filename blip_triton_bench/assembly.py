@@ -82,6 +82,17 @@ class RunPlan:
     server_choice: ServerChoice
     reference: dict[str, Variant] = field(default_factory=dict)  # --reference-repository's variants, by name
 
+    @functools.cached_property
+    def staged_by_name(self) -> dict[str, Variant]:
+        return {variant.name: variant for variant in self.staged}
+
+    @functools.cached_property
+    def perf_settings(self) -> PerfSettings:
+        """The options' perf settings without a server's key: what load levels and tolerances are read with."""
+        from blip_triton_bench.runs.perf import PerfSettings
+
+        return PerfSettings.from_options(self.options)
+
     def selected(self, role: str = LOGITS_ROLE) -> list[Variant]:
         return [variant for variant in self.variants if variant.role == role]
 
@@ -91,21 +102,20 @@ class RunPlan:
         readiness check can tell."""
         providers = server_execution_providers(self.server_choice, host)
         gpu_count = host.gpu_count if self.server_choice.kind != "external" else 1 << 16
-        staged = {staged_variant.name: staged_variant for staged_variant in self.staged}
         reasons = unmet_requirements(variant.requirements, gpu_count, providers)
         for name in variant.composing_models:
             reasons += [
                 f"calls {name}, which {why}"
-                for why in unmet_requirements(staged[name].requirements, gpu_count, providers)
+                for why in unmet_requirements(self.staged_by_name[name].requirements, gpu_count, providers)
             ]
         return reasons
 
     def load_levels(self, variant: Variant) -> list[LoadLevel]:
         """`variant`'s load levels (its config's bench_* parameters over the options); a config whose levels or
         tolerance cannot be used ends the run as a usage error before anything is measured."""
-        from blip_triton_bench.runs.perf import PerfConfigError, PerfSettings, variant_levels, variant_tolerance_pct
+        from blip_triton_bench.runs.perf import PerfConfigError, variant_levels, variant_tolerance_pct
 
-        settings = PerfSettings.from_options(self.options)
+        settings = self.perf_settings
         try:
             levels = variant_levels(variant, settings)
             variant_tolerance_pct(variant, settings)
@@ -226,7 +236,7 @@ def checked_host(required_gpus: int) -> HostInfo:
 
 def open_session(plan: RunPlan) -> BenchSession:
     """The session that records the run, after removing what a killed session left on this host."""
-    session = BenchSession(variants=plan.variants, repository={variant.name: variant for variant in plan.staged})
+    session = BenchSession(variants=plan.variants, repository=dict(plan.staged_by_name))
     session.record_leftovers_removed(remove_session_leftovers(plan.options.cache_dir, plan.server_choice.kind))
     return session
 
@@ -245,8 +255,7 @@ def record_server_death(session: BenchSession, during: str) -> ServerDeath | Non
 
 def serve_variant(context: RunContext, variant: Variant, server: RunningServer) -> ServedVariant:
     """`variant` loaded (with the models it calls) on `server`, once per session; ServerStartError if it cannot."""
-    staged = {staged_variant.name: staged_variant for staged_variant in context.plan.staged}
-    return serve(variant, staged, server, context.session)
+    return serve(variant, context.plan.staged_by_name, server, context.session)
 
 
 @contextlib.contextmanager
@@ -549,7 +558,7 @@ def ab_run(context: RunContext, serving: Serving, artifacts: ModelArtifacts) -> 
                 raise server_failure(
                     f"could not start the A/B reference server ({prepared.provider.name})", error
                 ) from None
-            before = ReferenceServer(reference, {variant.name: variant for variant in plan.staged})
+            before = ReferenceServer(reference, plan.staged_by_name)
             session.note(
                 f"A/B reference server: Triton {reference.describe().triton_version} at {reference.endpoints.http_url}"
             )
