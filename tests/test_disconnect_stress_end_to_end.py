@@ -16,7 +16,9 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
-ABANDONED = 1500
+#: Enough to meet Triton 2.51's crash (seen after 118 abandoned streams, docs/disconnects.md) more often than not, so
+#: both branches below are exercised over CI runs; the thousand-stream soak is test_caption_abandon_stress.py's.
+ABANDONED = 300
 STRESS_TEST = "suite/test_disconnects.py::test_the_server_survives_clients_that_leave_mid_caption[blip_caption]"
 RUN_TIMEOUT_S = 900
 

@@ -63,7 +63,8 @@ def test_a_signal_mid_level_leaves_no_server_behind_and_keeps_the_report(
     process = subprocess.Popen(
         [
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--model", "tiny", "--server", server,
-            "--variant", "base_model_cpu", "--concurrency", "1:6", "--window-s", "2", "--warmup-s", "1",
+            "--variant", "base_model_cpu", "--concurrency", "1:6", "--window-s", "1", "--warmup-s", "0.5",
+            "--max-windows", "3",
             f"--basetemp={basetemp}", f"--report-dir={tmp_path / 'report'}", "suite/test_perf.py",
         ],
         cwd=REPOSITORY_ROOT,
