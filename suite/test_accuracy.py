@@ -67,7 +67,10 @@ def test_accuracy_against_fp32_teacher(
     judgement: Judgement,
 ) -> None:
     teacher = reference_sessions.for_export()
-    with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc", bench_options.request_timeout_s) as client:
+    server = served_variant.server
+    with TritonInferClient(
+        server.endpoints.grpc_url, "grpc", bench_options.request_timeout_s, server.request_headers("grpc")
+    ) as client:
         served = np.concatenate([client.infer(served_variant.name, inputs) for inputs in accuracy_inputs])
         captions = [
             caption_through_triton(client, served_variant.name, model_description, inputs.pixel_values, CAPTION_TOKENS)

@@ -41,7 +41,8 @@ def test_monolithic_caption_latency(
     judgement: Judgement,
 ) -> None:
     pixel_values = preprocess([load_image(IMAGE)], model_description)
-    with TritonInferClient(served_variant.server.endpoints.grpc_url, "grpc") as client:
+    server = served_variant.server
+    with TritonInferClient(server.endpoints.grpc_url, "grpc", headers=server.request_headers("grpc")) as client:
         caption_through_triton(client, served_variant.name, model_description, pixel_values, 2, True)  # warm-up
         captions = tuple(
             caption_through_triton(
@@ -63,7 +64,8 @@ def test_captioner_caption_latency(
 ) -> None:
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     bos = model_description.special_tokens.bos_token_id
-    with CaptionerClient(served_captioner.server.endpoints.grpc_url) as client:
+    server = served_captioner.server
+    with CaptionerClient(server.endpoints.grpc_url, headers=server.request_headers("grpc")) as client:
         client.caption(served_captioner.name, pixel_values, bos, 2, True)  # warm-up
         captions = tuple(
             client.caption(served_captioner.name, pixel_values, bos, bench_options.caption_tokens, True)

@@ -39,7 +39,8 @@ def test_caption_load(
     url, tokens = served_captioner.server.endpoints.grpc_url, bench_options.caption_tokens
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     # the caption every one under load must equal (alone: see test_captioner.py)
-    request = caption_request_alone(url, served_captioner.name, pixel_values, tokens)
+    headers = served_captioner.server.request_headers("grpc")
+    request = caption_request_alone(url, served_captioner.name, pixel_values, tokens, headers)
     measurement = measure_caption_level(url, request, caption_load_level, perf_run.settings.load)
     bench_session.record_caption_load(served_captioner.name, measurement)
     errors = measurement.errors

@@ -13,6 +13,7 @@ from blip_triton_bench.captioning.caption import (
     CaptionerClient,
     cancel_parameter_of,
     greedy_caption,
+    header_options,
 )
 from blip_triton_bench.captioning.caption import main as caption_main
 from blip_triton_bench.load.client import InferenceError
@@ -26,6 +27,11 @@ pytestmark = pytest.mark.correctness
 MAX_NEW_TOKENS = 12
 #: In-flight batching's slot count when a captioner's config does not set `max_active_captions`.
 DEFAULT_MAX_ACTIVE_CAPTIONS = 8
+
+
+def captioner_stream(served: ServedVariant) -> CaptionerClient:
+    """A caption stream to the served captioner, carrying its server's key."""
+    return CaptionerClient(served.server.endpoints.grpc_url, headers=served.server.request_headers("grpc"))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def _check_captioner_tokens(
 ) -> None:
     tokens = loaded_model.description.special_tokens
     pixel_values = preprocess([load_image(image_name)], loaded_model.description)
-    with CaptionerClient(served_captioner.server.endpoints.grpc_url) as client:
+    with captioner_stream(served_captioner) as client:
         served = client.caption(served_captioner.name, pixel_values, tokens.bos_token_id, MAX_NEW_TOKENS)
     session = reference_sessions.for_export()
     monolithic = greedy_caption(
@@ -83,7 +89,7 @@ def test_captioner_streams_every_token_when_told_to_ignore_eos(
     served_captioner: ServedVariant, loaded_model: LoadedModel
 ) -> None:
     pixel_values = preprocess([load_image("chelsea")], loaded_model.description)
-    with CaptionerClient(served_captioner.server.endpoints.grpc_url) as client:
+    with captioner_stream(served_captioner) as client:
         caption = client.caption(
             served_captioner.name, pixel_values, loaded_model.description.special_tokens.bos_token_id, 7, True
         )
@@ -96,7 +102,7 @@ def test_captioner_rejects_a_bad_request_with_a_message(
     served_captioner: ServedVariant, loaded_model: LoadedModel
 ) -> None:
     pixel_values = preprocess([load_image("chelsea")], loaded_model.description)
-    with CaptionerClient(served_captioner.server.endpoints.grpc_url) as client:
+    with captioner_stream(served_captioner) as client:
         with pytest.raises(InferenceError, match="max_new_tokens is 0"):
             client.caption(served_captioner.name, pixel_values, 0, 0)
         # the stream and the model survive a failed request
@@ -114,6 +120,7 @@ def test_caption_command_streams_from_the_captioner(
             "--model", bench_options.model,
             "--image", "coffee",
             "--max-new-tokens", str(MAX_NEW_TOKENS),
+            *header_options(served_captioner.server.request_headers("grpc")),
         ]
     )  # fmt: skip
     expected = generate_caption(
@@ -144,7 +151,7 @@ def test_concurrent_captions_of_different_images_each_equal_their_own_generate(
 
     def caption(index: int) -> list[int]:
         name, length = jobs[index]
-        with CaptionerClient(served_captioner.server.endpoints.grpc_url) as client:
+        with captioner_stream(served_captioner) as client:
             if index >= count // 2:
                 assert first_half_started.wait(timeout=120), "the first half's captions never got their first tokens"
             started = client.send(served_captioner.name, images[name], length)
@@ -184,9 +191,8 @@ def test_a_cancelled_caption_frees_its_slot_and_disturbs_no_other(
     description = loaded_model.description
     longest = int(description.config.text_config.max_position_embeddings) - 1
     bos = description.special_tokens.bos_token_id
-    url = served_captioner.server.endpoints.grpc_url
     astronaut = preprocess([load_image("astronaut")], description)
-    with CaptionerClient(url) as leaving, CaptionerClient(url) as staying:
+    with captioner_stream(served_captioner) as leaving, captioner_stream(served_captioner) as staying:
         coffee = preprocess([load_image("coffee")], description)
         started = leaving.send(served_captioner.name, coffee, longest, True, request_id="leaving")
         first_tokens = leaving.receive(served_captioner.name, bos, started, stop_after=3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from blip_triton_bench.captioning.caption import caption_through_triton
+from blip_triton_bench.captioning.caption import caption_through_triton, header_options
 from blip_triton_bench.captioning.caption import main as caption_main
 from blip_triton_bench.load.client import TritonInferClient
 from blip_triton_bench.model.source import LoadedModel, generate_caption
@@ -44,7 +44,8 @@ def test_triton_greedy_caption_equals_generate(
 ) -> None:
     description = generating_model.description
     pixel_values = preprocess([load_image(image_name)], description)
-    with TritonInferClient(exact_variant.server.endpoints.grpc_url, "grpc") as client:
+    server = exact_variant.server
+    with TritonInferClient(server.endpoints.grpc_url, "grpc", headers=server.request_headers("grpc")) as client:
         caption = caption_through_triton(client, exact_variant.name, description, pixel_values, MAX_NEW_TOKENS)
 
     expected = generate_caption(generating_model, pixel_values, MAX_NEW_TOKENS)
@@ -63,6 +64,7 @@ def test_caption_command_prints_generate_tokens(
             "--model", generating_model.description.spec.source,
             "--image", "chelsea",
             "--max-new-tokens", str(MAX_NEW_TOKENS),
+            *header_options(exact_variant.server.request_headers("http")),
         ]
     )  # fmt: skip
     printed = capsys.readouterr().out

@@ -29,7 +29,10 @@ def test_the_server_survives_clients_that_leave_mid_caption(
     description = loaded_model.description
     pixel_values = preprocess([load_image("astronaut")], description)
     plan = AbandonPlan(
-        abandoned_captions=bench_options.disconnect_stress, how=DISCONNECT, timeout_s=bench_options.request_timeout_s
+        abandoned_captions=bench_options.disconnect_stress,
+        how=DISCONNECT,
+        timeout_s=bench_options.request_timeout_s,
+        headers=served.server.request_headers("grpc"),
     )
     outcome = abandon_captions(
         served.server.endpoints.grpc_url,

@@ -45,7 +45,8 @@ def test_triton_matches_onnxruntime(
         fp16=served_variant.variant.runs_in_fp16,
         reference_on_gpu=reference.on_gpu,
     )
-    with TritonInferClient(url, protocol, bench_options.request_timeout_s) as client:
+    headers = served_variant.server.request_headers(protocol)
+    with TritonInferClient(url, protocol, bench_options.request_timeout_s, headers) as client:
         for batch_size in batch_sizes(served_variant):
             inputs = build_inputs(model_description, batch_size, SEQUENCE_LENGTH, seed=batch_size)
             served = client.infer(served_variant.name, inputs)

@@ -62,7 +62,13 @@ def test_a_thousand_captions_cancelled_at_random_steps_leave_the_server_up_and_i
 ) -> None:
     pixel_values = preprocess([load_image("astronaut")], tiny_model.description)
     expected = generate_caption(tiny_model, pixel_values, 12)
-    plan = AbandonPlan(abandoned_captions=ABANDONED, how=CANCEL_REQUEST, leaving_clients=6, staying_clients=1)
+    plan = AbandonPlan(
+        abandoned_captions=ABANDONED,
+        how=CANCEL_REQUEST,
+        leaving_clients=6,
+        staying_clients=1,
+        headers=captioner_server.request_headers("grpc"),
+    )
     before = captions_cancelled(metrics_text(captioner_server), CAPTIONER).get(CANCEL_REQUEST, 0)
 
     outcome = abandon_captions(
@@ -100,7 +106,9 @@ def test_a_cancel_request_stops_its_caption_at_the_next_step_and_keeps_the_strea
     config = captioner_server.http_client().get_model_config(CAPTIONER)
     parameter = cancel_parameter_of(_config_message(config))
     assert parameter == "cancel_caption"
-    with CaptionerClient(captioner_server.endpoints.grpc_url) as stream:
+    with CaptionerClient(
+        captioner_server.endpoints.grpc_url, headers=captioner_server.request_headers("grpc")
+    ) as stream:
         started = stream.send(CAPTIONER, pixel_values, longest, ignore_eos=True, request_id="caption-1")
         head = stream.receive(CAPTIONER, description.special_tokens.bos_token_id, started, stop_after=2)
         discarded = stream.abandon(CAPTIONER, "caption-1", parameter)

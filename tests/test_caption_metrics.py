@@ -119,3 +119,20 @@ def test_report_sections_reach_report_md_json_and_the_summary(tmp_path: Path) ->
     document = json.loads((tmp_path / "results.json").read_text())
     assert document["sections"]["Caption latency"]["data"][0]["caption_ms"] == pytest.approx(200.0)
     assert "Caption latency:" in lines
+
+
+def test_the_caption_command_sends_the_headers_it_is_given_and_refuses_a_malformed_one(capsys) -> None:
+    """blip-caption's -H NAME:VALUE (perf_analyzer's form) carries a run's key to a server that restricts
+    inference; header_options writes the same options back."""
+    from blip_triton_bench.captioning.caption import _header, header_options
+    from blip_triton_bench.captioning.caption import main as caption_main
+
+    headers = {"triton-grpc-protocol-blip-bench-run-key": "k:3y"}
+    options = header_options(headers)
+    assert options == ["-H", "triton-grpc-protocol-blip-bench-run-key:k:3y"]
+    assert dict([_header(options[1])]) == headers  # a value may hold ":" itself
+    assert header_options(None) == []
+    with pytest.raises(SystemExit) as refused:
+        caption_main(["-H", "no-separator", "--url", "127.0.0.1:1"])
+    assert refused.value.code == 2
+    assert "'no-separator': give a header as NAME:VALUE" in capsys.readouterr().err

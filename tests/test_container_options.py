@@ -64,10 +64,10 @@ def test_ports_are_published_on_loopback_and_a_remote_engine_needs_the_opt_in(tm
     assert opted_in._publish_address(engine_at("http://10.0.0.5:2375"), local_engine=False) == "0.0.0.0"
 
 
-def test_container_command_restricts_every_restrictable_admin_api_to_the_runs_key(tmp_path: Path) -> None:
+def test_container_command_restricts_inference_and_every_admin_api_to_the_runs_key(tmp_path: Path) -> None:
     key = RunKey("k3y")
     command = ContainerProvider(tmp_path, image="any", run_key=key).command()
-    apis = "model-repository,shared-memory,logging,trace"
+    apis = "inference,model-repository,shared-memory,logging,trace"
     assert f"--http-restricted-api={apis}:blip-bench-run-key=k3y" in command
     assert f"--grpc-restricted-protocol={apis}:blip-bench-run-key=k3y" in command
     assert any(

@@ -152,11 +152,13 @@ def test_serves_onnx_over_http_and_grpc_like_onnxruntime(
             assert http.get_model_config(MODEL_NAME)["backend"] == "onnxruntime"
             http_input = triton_http.InferInput("x", list(batch.shape), "FP32")
             http_input.set_data_from_numpy(batch)
-            over_http = http.infer(MODEL_NAME, [http_input]).as_numpy("y")
+            with pytest.raises(InferenceServerException, match="restricted, expecting header"):
+                http.infer(MODEL_NAME, [http_input])  # inference needs the run's key too
+            over_http = http.infer(MODEL_NAME, [http_input], headers=server.request_headers("http")).as_numpy("y")
         with contextlib.closing(triton_grpc.InferenceServerClient(server.endpoints.grpc_url)) as grpc:
             grpc_input = triton_grpc.InferInput("x", list(batch.shape), "FP32")
             grpc_input.set_data_from_numpy(batch)
-            over_grpc = grpc.infer(MODEL_NAME, [grpc_input]).as_numpy("y")
+            over_grpc = grpc.infer(MODEL_NAME, [grpc_input], headers=server.request_headers("grpc")).as_numpy("y")
         assert_close("y (HTTP)", over_http, expected, tolerance)
         assert_close("y (gRPC)", over_grpc, expected, tolerance)
         container_id = server.container_id

@@ -54,7 +54,7 @@ def test_served_fp16_matches_the_same_file_in_process_and_agrees_with_fp32(
     assert served_file.read_bytes() == tiny_artifacts.fp16().onnx_path.read_bytes()
     inputs = build_inputs(tiny_artifacts.teacher.description, 4, 16, seed=3)
     url = server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url
-    with TritonInferClient(url, protocol) as client:
+    with TritonInferClient(url, protocol, headers=server.request_headers(protocol)) as client:
         served = client.infer(NAME, inputs)
 
     assert served.dtype == np.float32

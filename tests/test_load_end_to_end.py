@@ -25,6 +25,7 @@ from blip_triton_bench.load.engine import (
 )
 from blip_triton_bench.model.workload import ModelInputs
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
+from tests.run_key import keyed
 
 pytestmark = [pytest.mark.server, pytest.mark.serial]  # its checks compare rates with the measured service rate
 
@@ -111,9 +112,9 @@ def queue_floor_ms(overload: float, warmup_s: float) -> float:
 
 
 def test_open_loop_counts_the_queue_that_a_closed_loop_never_sees(server: LocalServer) -> None:
-    url = server.endpoints.grpc_url
+    url, settings = server.endpoints.grpc_url, keyed(SETTINGS, server)
 
-    closed = measure_level(url, "fixed", inputs(), LoadLevel(CONCURRENCY, 1), SETTINGS)
+    closed = measure_level(url, "fixed", inputs(), LoadLevel(CONCURRENCY, 1), settings)
     capacity = closed.summary.throughput_infer_per_s
     assert capacity > 5, "the model should serve several requests per second"
     assert capacity <= MAX_OBSERVED_RATE_PER_S  # one request at a time, each sleeping SERVICE_MS
@@ -123,12 +124,12 @@ def test_open_loop_counts_the_queue_that_a_closed_loop_never_sees(server: LocalS
     assert closed.server.compute_infer_ms >= SERVICE_MS  # the server timed the sleep too
 
     under_rate = round(SERVICE_RATE_PER_S * UNDERLOAD, 1)
-    under = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, under_rate), SETTINGS)
+    under = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, under_rate), settings)
     assert under.achieved_rate_per_s == pytest.approx(under.offered_rate_per_s, rel=0.3)
     assert under.summary.latency_p50_ms >= SERVICE_MS
 
     over_rate = round(SERVICE_RATE_PER_S * OVERLOAD, 1)
-    over = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, over_rate), SETTINGS)
+    over = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, over_rate), settings)
     assert over.achieved_rate_per_s <= MAX_OBSERVED_RATE_PER_S < over.offered_rate_per_s  # the server cannot keep up...
     assert over.summary.latency_p50_ms >= queue_floor_ms(OVERLOAD, SETTINGS.warmup_s)  # ...and latencies show it
     assert over.unfinished_requests > 0  # requests were still queued when measurement stopped
@@ -137,18 +138,22 @@ def test_open_loop_counts_the_queue_that_a_closed_loop_never_sees(server: LocalS
     assert over.in_flight_cap == open_loop_in_flight_cap(over_rate)
     assert over.held_sends > 0 and over.unfinished_requests <= over.in_flight_cap
 
-    settled = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, under_rate), SETTINGS)
+    settled = measure_level(url, "fixed", inputs(), LoadLevel(REQUEST_RATE, under_rate), settings)
     assert settled.achieved_rate_per_s == pytest.approx(settled.offered_rate_per_s, rel=0.3)  # the backlog drained
 
 
 def test_poisson_arrivals_average_the_offered_rate(server: LocalServer) -> None:
     settings = LoadSettings(window_s=1.0, warmup_s=0.5, max_windows=4, min_requests_per_window=1, arrival="poisson")
-    level = measure_level(server.endpoints.grpc_url, "fixed", inputs(), LoadLevel(REQUEST_RATE, 5), settings)
+    level = measure_level(
+        server.endpoints.grpc_url, "fixed", inputs(), LoadLevel(REQUEST_RATE, 5), keyed(settings, server)
+    )
     assert level.achieved_rate_per_s == pytest.approx(5, rel=0.5)
 
 
 def test_http_requests_succeed_as_grpc_ones_do(server: LocalServer) -> None:
     settings = LoadSettings(window_s=0.5, warmup_s=0.2, max_windows=3, min_requests_per_window=1, protocol="http")
-    level = measure_level(server.endpoints.http_url, "fixed", inputs(), LoadLevel(CONCURRENCY, 2), settings)
+    level = measure_level(
+        server.endpoints.http_url, "fixed", inputs(), LoadLevel(CONCURRENCY, 2), keyed(settings, server)
+    )
     assert sum(len(window.latencies_ms) for window in level.windows) > 0
     assert level.summary.errors == 0  # a float `timeout` once made the server reject every HTTP request

@@ -126,11 +126,15 @@ def test_grpc_and_http_equal_in_process_onnxruntime(server: LocalServer) -> None
     server.load_model("doubler")
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     expected = onnxruntime.InferenceSession(doubler_model().SerializeToString()).run(None, {"x": x})[0]
-    for module, url in ((triton_grpc, server.endpoints.grpc_url), (triton_http, server.endpoints.http_url)):
+    for module, protocol, url in (
+        (triton_grpc, "grpc", server.endpoints.grpc_url),
+        (triton_http, "http", server.endpoints.http_url),
+    ):
         client = module.InferenceServerClient(url)
         request = module.InferInput("x", list(x.shape), "FP32")
         request.set_data_from_numpy(x)
-        np.testing.assert_array_equal(client.infer("doubler", [request]).as_numpy("y"), expected)
+        served = client.infer("doubler", [request], headers=server.request_headers(protocol))
+        np.testing.assert_array_equal(served.as_numpy("y"), expected)
         client.close()
 
 
@@ -153,7 +157,7 @@ def test_dynamic_batching_runs_one_onnxruntime_call_per_batch(server: LocalServe
         request = triton_grpc.InferInput("x", [1, 4], "FP32")
         request.set_data_from_numpy(np.full((1, 4), value, dtype=np.float32))
         barrier.wait()
-        return client.infer("batcher", [request]).as_numpy("y")
+        return client.infer("batcher", [request], headers=server.request_headers("grpc")).as_numpy("y")
 
     values = [float(i) for i in range(6)]
     # Results (and any exception) come back to this thread: an assert in a worker thread would be lost.
@@ -253,7 +257,7 @@ def test_model_control_needs_the_sessions_key_and_the_suite_sends_it(server: Loc
             client.load_model("doubler")  # anything else reaching the port: no key
         with pytest.raises(InferenceServerException, match="restricted, expecting header"):
             client.unload_model("doubler", headers={server.run_key.header: "guessed"})
-        assert client.is_server_live()  # health, metadata and inference stay open for the load generator
+        assert client.is_server_live()  # health and metadata stay open (readiness checks, monitors)
         client.close()
     server.unload_model("doubler")
     assert not server.is_model_ready("doubler")
@@ -263,7 +267,11 @@ def test_model_control_needs_the_sessions_key_and_the_suite_sends_it(server: Loc
 
 def restricted_calls(client: Any) -> dict[str, Callable[[dict[str, str] | None], object]]:
     """One call to each API the run's key guards besides model control, with the headers given."""
+    module = triton_grpc if isinstance(client, triton_grpc.InferenceServerClient) else triton_http
+    request = module.InferInput("x", [1, 4], "FP32")
+    request.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
     return {
+        "inference": lambda headers: client.infer("doubler", [request], headers=headers),
         "register shared memory": lambda headers: client.register_system_shared_memory(
             "intruder", "/intruder", 64, headers=headers
         ),
@@ -275,9 +283,10 @@ def restricted_calls(client: Any) -> dict[str, Callable[[dict[str, str] | None],
     }
 
 
-def test_shared_memory_logging_and_trace_need_the_runs_key_too(server: LocalServer) -> None:
-    """Another program on the host that reaches the ports cannot map its memory into the run, read the run's
-    tensors through a region of its own, or turn on verbose logging or tracing mid-measurement."""
+def test_inference_shared_memory_logging_and_trace_need_the_runs_key_too(server: LocalServer) -> None:
+    """Another program on the host that reaches the ports cannot send the run's server load it would measure as
+    its own, map its memory into the run, read the run's tensors through a region of its own, or turn on verbose
+    logging or tracing mid-measurement."""
     assert server.run_key is not None
     for protocol, client in (
         ("http", triton_http.InferenceServerClient(server.endpoints.http_url)),
@@ -292,6 +301,7 @@ def test_shared_memory_logging_and_trace_need_the_runs_key_too(server: LocalServ
         client.get_system_shared_memory_status(headers=keyed)  # the run's own calls go through
         client.get_log_settings(headers=keyed)
         client.get_trace_settings(headers=keyed)
+        restricted_calls(client)["inference"](keyed)
         assert client.is_server_live() and client.is_model_ready("doubler")  # health and metadata stay open
         client.close()
 

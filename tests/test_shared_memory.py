@@ -37,6 +37,7 @@ from blip_triton_bench.load.shared_memory import (
 from blip_triton_bench.model.workload import ModelInputs
 from blip_triton_bench.servers.leftovers import SHM_PREFIX, SYSTEM_SHM_DIR
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
+from tests.run_key import keyed
 
 IMAGE_SIZE, VOCAB, SEQUENCE = 384, 30524, 16
 SYSTEM = LoadSettings(window_s=0.5, warmup_s=0.2, max_windows=3, min_requests_per_window=1, shared_memory="system")
@@ -177,11 +178,6 @@ def _url(server: LocalServer, protocol: str) -> str:
     return server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url
 
 
-def keyed(settings: LoadSettings, server: LocalServer) -> LoadSettings:
-    """`settings` with the run's key, as the suite's perf run sends it to the server it started."""
-    return replace(settings, restricted_api_headers=server.restricted_api_headers())
-
-
 async def _one_output(url: str, protocol: str, model: str, settings: LoadSettings) -> tuple[np.ndarray, list[str]]:
     """One request's logits, and the regions of its level the server held while the level was open."""
     settings = replace(settings, protocol=protocol)
@@ -214,7 +210,7 @@ def test_system_shared_memory_returns_the_same_logits_and_leaves_nothing(
 ) -> None:
     running, model = server
     url = _url(running, protocol)
-    inline, held_inline = asyncio.run(_one_output(url, protocol, model, LoadSettings()))
+    inline, held_inline = asyncio.run(_one_output(url, protocol, model, keyed(LoadSettings(), running)))
     shared, held = asyncio.run(_one_output(url, protocol, model, keyed(SYSTEM, running)))
     assert held_inline == []
     assert len([name for name in held if name.startswith(SHM_PREFIX)]) == 3  # inputs + 2 output slots

@@ -86,7 +86,7 @@ def test_logits_arrive_whole_and_equal_in_process_onnxruntime(
         ["logits"], inputs.as_dict()
     )
     url = server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url
-    with TritonInferClient(url, protocol) as client:
+    with TritonInferClient(url, protocol, headers=server.request_headers(protocol)) as client:
         served = client.infer("logits", inputs)  # an empty output raises EmptyOutput naming its byte count
     assert served.nbytes == BATCH_SIZE * SEQUENCE_LENGTH * 30524 * 4
     assert_close("logits", served, expected, TOLERANCES["triton_vs_onnxruntime"])

@@ -14,7 +14,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,12 +102,15 @@ class CaptionerClient:
     with every token. Each token's arrival is timed on the client, as genai-perf times a streamed response.
     """
 
-    def __init__(self, grpc_url: str, timeout_s: float = 600.0) -> None:
+    def __init__(self, grpc_url: str, timeout_s: float = 600.0, headers: Mapping[str, str] | None = None) -> None:
+        """`headers`: what the stream carries (RunningServer.request_headers("grpc"): the run's key where the server
+        restricts inference)."""
         self._client = triton_grpc.InferenceServerClient(grpc_url)
         self._timeout_s = timeout_s
         self._responses: queue.Queue = queue.Queue()
         self._client.start_stream(
-            callback=lambda result, error: self._responses.put((time.perf_counter(), result, error))
+            callback=lambda result, error: self._responses.put((time.perf_counter(), result, error)),
+            headers=dict(headers) if headers else None,
         )
 
     def __enter__(self) -> CaptionerClient:
@@ -271,6 +274,18 @@ def decode_text(description: ModelDescription, token_ids: tuple[int, ...]) -> st
     return tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
+def header_options(headers: Mapping[str, str] | None) -> list[str]:
+    """blip-caption's options that send `headers` (RunningServer.request_headers: the run's key)."""
+    return [option for name, value in (headers or {}).items() for option in ("-H", f"{name}:{value}")]
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, separator, value = text.partition(":")
+    if not separator or not name.strip():
+        raise argparse.ArgumentTypeError(f"'{text}': give a header as NAME:VALUE")
+    return name.strip(), value.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="blip-caption",
@@ -285,17 +300,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--image", default="astronaut", help="an image file or a scikit-image sample name")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        type=_header,
+        metavar="NAME:VALUE",
+        help="a header every request carries (repeatable), as perf_analyzer's -H: for a server that restricts "
+        "inference (--http-restricted-api / --grpc-restricted-protocol)",
+    )
     args = parser.parse_args(argv)
+    headers = dict(args.header) or None
     try:
         description = describe_model(ModelSpec(args.model))
         pixel_values = preprocess([load_image(args.image)], description)
         if args.protocol == "grpc" and is_captioner(args.url, args.variant):
-            with CaptionerClient(args.url) as captioner:
+            with CaptionerClient(args.url, headers=headers) as captioner:
                 caption = captioner.caption(
                     args.variant, pixel_values, description.special_tokens.bos_token_id, args.max_new_tokens
                 )
         else:
-            with TritonInferClient(args.url, args.protocol) as client:
+            with TritonInferClient(args.url, args.protocol, headers=headers) as client:
                 caption = caption_through_triton(client, args.variant, description, pixel_values, args.max_new_tokens)
     except (ModelSourceError, WorkloadError, InferenceError) as error:
         print(f"blip-caption: {error}", file=sys.stderr)

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +49,8 @@ class AbandonPlan:
     seed: int = 0
     timeout_s: float = 60.0  # one response's deadline; a server that answers nothing for this long is hung
     cancel_parameter: str = DEFAULT_CANCEL_REQUEST_PARAMETER
+    #: what every stream carries: the run's key where the server restricts inference (RunningServer.request_headers)
+    headers: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.how not in LEAVING_WAYS:
@@ -161,7 +163,7 @@ def abandon_captions(
 
     def leave(seed: int) -> None:
         rng = random.Random(seed)
-        with CaptionerClient(grpc_url, plan.timeout_s) as stream:
+        with CaptionerClient(grpc_url, plan.timeout_s, plan.headers) as stream:
             while not stop.is_set() and tally.claim(plan.abandoned_captions):
                 waited_for = plan.leaving_step(rng)
                 try:
@@ -179,7 +181,7 @@ def abandon_captions(
                     tally.abandoned_by_step[step_name(received, plan.tokens)] += 1
 
     def stay(index: int) -> None:
-        with CaptionerClient(grpc_url, plan.timeout_s) as stream:
+        with CaptionerClient(grpc_url, plan.timeout_s, plan.headers) as stream:
             while not stop.is_set():
                 try:
                     caption = stream.caption(model_name, pixel_values, bos_token_id, len(expected_token_ids) - 1)
@@ -220,7 +222,7 @@ def _disconnect_one(
     url: str, model_name: str, pixel_values: np.ndarray, bos: int, plan: AbandonPlan, waited_for: int
 ) -> int:
     """One caption on a stream of its own, whose gRPC call is cancelled after `waited_for` tokens."""
-    with CaptionerClient(url, plan.timeout_s) as client:
+    with CaptionerClient(url, plan.timeout_s, plan.headers) as client:
         started = client.send(model_name, pixel_values, plan.tokens, ignore_eos=True)
         received = (
             len(client.receive(model_name, bos, started, stop_after=waited_for).generated_ids) if waited_for else 0

@@ -15,7 +15,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -255,10 +255,16 @@ class CaptionRequest:
     expected_ids: tuple[int, ...] | None = None  # the same image captioned alone; None: only the length is checked
 
 
-def caption_request_alone(grpc_url: str, model_name: str, pixel_values: np.ndarray, tokens: int) -> CaptionRequest:
+def caption_request_alone(
+    grpc_url: str,
+    model_name: str,
+    pixel_values: np.ndarray,
+    tokens: int,
+    headers: Mapping[str, str] | None = None,
+) -> CaptionRequest:
     """What every caption of a level asks for, with the tokens it must come back with: the same image captioned
-    alone, on the same server, before the load starts."""
-    with CaptionerClient(grpc_url) as client:
+    alone, on the same server, before the load starts. `headers`: the run's key (LoadSettings.stream_headers)."""
+    with CaptionerClient(grpc_url, headers=headers) as client:
         alone = client.caption(model_name, pixel_values, 0, tokens, True)
     return CaptionRequest(model_name, pixel_values, tokens, alone.generated_ids)
 
@@ -309,11 +315,11 @@ def _measure_windows(recorder: _Recorder, settings: LoadSettings, started_s: flo
 
 
 @contextmanager
-def _closed_loop(url: str, request: CaptionRequest, concurrency: int, recorder: _Recorder):
+def _closed_loop(url: str, request: CaptionRequest, concurrency: int, settings: LoadSettings, recorder: _Recorder):
     stopping = threading.Event()
 
     def worker() -> None:
-        with CaptionerClient(url) as client:
+        with CaptionerClient(url, headers=settings.stream_headers()) as client:
             while not stopping.is_set():
                 _one_caption(client, request, time.perf_counter(), recorder)
 
@@ -340,7 +346,7 @@ def _open_loop(url: str, request: CaptionRequest, rate: float, settings: LoadSet
         try:
             client = clients.get_nowait()
         except queue.Empty:
-            client = CaptionerClient(url)
+            client = CaptionerClient(url, headers=settings.stream_headers())
             opened.append(client)
         try:
             _one_caption(client, request, scheduled, recorder)
@@ -382,7 +388,7 @@ def measure_caption_level(
     recorder = _Recorder(request.tokens, int(level.value) if closed_loop else None)
     started = time.perf_counter()
     if level.mode == CAPTION_CONCURRENCY:
-        load = _closed_loop(url, request, int(level.value), recorder)
+        load = _closed_loop(url, request, int(level.value), settings, recorder)
     elif level.mode == CAPTION_REQUEST_RATE:
         load = _open_loop(url, request, float(level.value), settings, recorder)
     else:

@@ -5,6 +5,8 @@ Correctness tests and captioning use it; load generation has its own asynchronou
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
@@ -27,10 +29,19 @@ class InferenceError(RuntimeError):
 class TritonInferClient:
     """`with TritonInferClient(url, "grpc") as client: client.infer("base_model_cpu", inputs)`."""
 
-    def __init__(self, url: str, protocol: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        protocol: str,
+        timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """`headers`: what each request carries (RunningServer.request_headers: the run's key where the server
+        restricts inference)."""
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
         self.protocol = protocol
+        self._headers = dict(headers) if headers else None
         self._module = triton_grpc if protocol == "grpc" else triton_http
         self._timeout_s = timeout_s
         if protocol == "grpc":
@@ -55,9 +66,11 @@ class TritonInferClient:
         outputs = [self._module.InferRequestedOutput(OUTPUT_NAME)]
         try:
             if self.protocol == "grpc":
-                result = self._client.infer(model_name, triton_inputs, outputs=outputs, client_timeout=self._timeout_s)
+                result = self._client.infer(
+                    model_name, triton_inputs, outputs=outputs, client_timeout=self._timeout_s, headers=self._headers
+                )
             else:
-                result = self._client.infer(model_name, triton_inputs, outputs=outputs)
+                result = self._client.infer(model_name, triton_inputs, outputs=outputs, headers=self._headers)
         except InferenceServerException as error:
             raise InferenceError(f"{model_name} ({self.protocol}): {error.message()}") from None
         return served_array(result, OUTPUT_NAME)  # names an empty output instead of numpy's reshape error

@@ -115,12 +115,16 @@ class LoadSettings:
     seed: int = 0
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     shared_memory: str = NONE  # perf_analyzer's --shared-memory: none, system or cuda
-    #: sent with shared-memory registration: the run's key (servers.base.RunKey.headers_for), keyed by protocol
-    #: name; empty for a server whose shared-memory API is open
+    #: sent with every request and shared-memory registration: the run's key (servers.base.RunKey.headers_for),
+    #: keyed by protocol name; empty for a server whose APIs are open (an external one)
     restricted_api_headers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def headers_for_restricted_apis(self) -> Mapping[str, str] | None:
         return self.restricted_api_headers.get(self.protocol)
+
+    def stream_headers(self) -> Mapping[str, str] | None:
+        """What a caption stream (always gRPC) carries."""
+        return self.restricted_api_headers.get("grpc")
 
 
 @dataclass(frozen=True)
@@ -219,10 +223,19 @@ class AsyncInferer:
     borrows an output region (a slot) for as long as it is in flight.
     """
 
-    def __init__(self, url: str, protocol: str, model_name: str, inputs: ModelInputs, timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        protocol: str,
+        model_name: str,
+        inputs: ModelInputs,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.model_name = model_name
         self.protocol = protocol
         self._timeout_s = timeout_s
+        self._headers = dict(headers) if headers else None  # the run's key, where the server restricts inference
         self._module = grpc_aio if protocol == "grpc" else http_aio
         if protocol == "grpc":
             self.client: Any = grpc_aio.InferenceServerClient(url)
@@ -274,9 +287,9 @@ class AsyncInferer:
     async def _send(self, outputs: list[Any]) -> Any:
         if self.protocol == "grpc":
             return await self.client.infer(
-                self.model_name, self._inputs, outputs=outputs, client_timeout=self._timeout_s
+                self.model_name, self._inputs, outputs=outputs, client_timeout=self._timeout_s, headers=self._headers
             )
-        return await self.client.infer(self.model_name, self._inputs, outputs=outputs)
+        return await self.client.infer(self.model_name, self._inputs, outputs=outputs, headers=self._headers)
 
     async def infer(self) -> None:
         if self._regions is None:
@@ -318,7 +331,9 @@ async def open_inferer(
     kind = shared_memory_kind(settings.shared_memory)
     if kind is not None:
         check_reachable(settings.shared_memory, url)
-    inferer = AsyncInferer(url, settings.protocol, model_name, inputs, settings.request_timeout_s)
+    inferer = AsyncInferer(
+        url, settings.protocol, model_name, inputs, settings.request_timeout_s, settings.headers_for_restricted_apis()
+    )
     try:
         if kind is None:
             yield inferer

@@ -232,7 +232,7 @@ def request_round(
 
     def measure(side: ABSide) -> tuple[float, list[float]]:
         url = side.url(load.protocol)
-        windows = measure_level(url, side.model, inputs, level, settings, liveness, workers).windows
+        windows = measure_level(url, side.model, inputs, level, side.keyed(settings), liveness, workers).windows
         completed = [latency for window in windows for latency in window.latencies_ms]
         return round_throughput(level, completed, sum(window.duration_s for window in windows)), completed
 
@@ -245,7 +245,7 @@ def caption_round(requests: dict[ABSide, CaptionRequest], level: LoadLevel, load
     settings = round_settings(load)
 
     def measure(side: ABSide) -> tuple[float, list[float]]:
-        measurement = measure_caption_level(side.url("grpc"), requests[side], level, settings)
+        measurement = measure_caption_level(side.url("grpc"), requests[side], level, side.keyed(settings))
         if errors := measurement.errors:
             raise ABRoundFailed(f"{len(errors)} caption(s) of {side.model} failed in a round; the first: {errors[0]}")
         captions = measurement.captions
@@ -320,4 +320,6 @@ class ABRun:
 
 def caption_request(side: ABSide, pixel_values: np.ndarray, tokens: int) -> CaptionRequest:
     """What every caption of a side asks for, with the tokens it must come back with: the side's caption alone."""
-    return caption_request_alone(side.url("grpc"), side.model, pixel_values, tokens)
+    return caption_request_alone(
+        side.url("grpc"), side.model, pixel_values, tokens, side.server.request_headers("grpc")
+    )

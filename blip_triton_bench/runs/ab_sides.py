@@ -6,11 +6,12 @@ along on the 'before' side, renamed with it, so each side runs only its own mode
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2
 
+from blip_triton_bench.load.engine import LoadSettings
 from blip_triton_bench.repository.variants import COMPOSING_MODEL_PARAMETERS, Variant, stage_generated, with_callees
 from blip_triton_bench.servers.base import RunningServer
 
@@ -27,6 +28,11 @@ class ABSide:
     def url(self, protocol: str) -> str:
         endpoints = self.server.endpoints
         return endpoints.grpc_url if protocol == "grpc" else endpoints.http_url
+
+    def keyed(self, load: LoadSettings) -> LoadSettings:
+        """`load` with this side's server's key on every request (a reference server has a key of its own where it
+        was not started with the run's)."""
+        return replace(load, restricted_api_headers=self.server.restricted_api_headers())
 
 
 def renamed_config(variant: Variant, suffix: str) -> model_config_pb2.ModelConfig:
