@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,15 @@ def test_config_parameters_and_their_override(tmp_path: Path) -> None:
 
 def test_bad_parameters_name_the_config_file(tmp_path: Path) -> None:
     bad_range = variant_with(tmp_path, 'parameters { key: "bench_concurrency" value: { string_value: "4:1" } }')
-    with pytest.raises(PerfConfigError, match=r"v/config\.pbtxt: --concurrency '4:1'"):
+    with pytest.raises(PerfConfigError, match=r"v/config\.pbtxt: parameters 'bench_concurrency' '4:1'"):
         variant_levels(bad_range, DEFAULTS)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "o").mkdir()
+    bad_rate = variant_with(tmp_path / "r", 'parameters { key: "bench_request_rate" value: { string_value: "x" } }')
+    with pytest.raises(PerfConfigError, match=r"v/config\.pbtxt: parameters 'bench_request_rate' 'x': expected"):
+        variant_levels(bad_rate, DEFAULTS)
+    with pytest.raises(PerfConfigError, match=r"--concurrency '4:1'"):  # an option given names the option
+        variant_levels(variant_with(tmp_path / "o", ""), replace(DEFAULTS, concurrency="4:1"))
     (tmp_path / "t").mkdir()
     bad_tolerance = variant_with(
         tmp_path / "t", 'parameters { key: "bench_tolerance_pct" value: { string_value: "lots" } }'
@@ -110,5 +118,7 @@ def test_a_shared_memory_run_reads_and_records_baselines_of_its_own(tmp_path: Pa
 
 def test_a_bench_concurrency_past_the_limits_names_the_config_and_the_limit(tmp_path: Path) -> None:
     variant = variant_with(tmp_path, 'parameters { key: "bench_concurrency" value: { string_value: "1:2000000" } }')
-    with pytest.raises(PerfConfigError, match=r"v/config\.pbtxt: --concurrency '1:2000000': .* limit of 4096"):
+    with pytest.raises(
+        PerfConfigError, match=r"v/config\.pbtxt: parameters 'bench_concurrency' '1:2000000': .* limit of 4096"
+    ):
         variant_levels(variant, DEFAULTS)

@@ -209,8 +209,8 @@ def concurrency_levels(text: str, option: str = "--concurrency") -> list[LoadLev
     return [LoadLevel(CONCURRENCY, int(value)) for value in values]
 
 
-def request_rate_levels(text: str) -> list[LoadLevel]:
-    return [LoadLevel(REQUEST_RATE, value) for value in parse_range(text, "--request-rate", MAX_REQUEST_RATE)]
+def request_rate_levels(text: str, option: str = "--request-rate") -> list[LoadLevel]:
+    return [LoadLevel(REQUEST_RATE, value) for value in parse_range(text, option, MAX_REQUEST_RATE)]
 
 
 # ------------------------------------------------------------------------------------------ the client

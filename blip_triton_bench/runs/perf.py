@@ -166,16 +166,24 @@ def bench_parameter(variant: Variant, key: str) -> str | None:
 
 
 def variant_levels(variant: Variant, settings: PerfSettings) -> list[LoadLevel]:
-    """Concurrency levels (closed loop), then request-rate levels (open loop) when any are asked for."""
-    concurrency = settings.concurrency or bench_parameter(variant, CONCURRENCY_PARAMETER) or DEFAULT_CONCURRENCY
-    rate = settings.request_rate or bench_parameter(variant, REQUEST_RATE_PARAMETER)
+    """Concurrency levels (closed loop), then request-rate levels (open loop) when any are asked for. A range that
+    cannot be used is named where it was set: the option, or the variant's parameter."""
+    concurrency, concurrency_source = _range_text(variant, settings.concurrency, "--concurrency", CONCURRENCY_PARAMETER)
+    rate, rate_source = _range_text(variant, settings.request_rate, "--request-rate", REQUEST_RATE_PARAMETER)
     try:
-        levels = concurrency_levels(concurrency)
+        levels = concurrency_levels(concurrency or DEFAULT_CONCURRENCY, concurrency_source)
         if rate:
-            levels += request_rate_levels(rate)
+            levels += request_rate_levels(rate, rate_source)
     except ValueError as error:
         raise PerfConfigError(f"{variant.config_path}: {error}") from None
     return levels
+
+
+def _range_text(variant: Variant, given: str | None, option: str, parameter: str) -> tuple[str | None, str]:
+    """The level range and what set it: the option when given, else the variant's parameter (None: neither)."""
+    if given:
+        return given, option
+    return bench_parameter(variant, parameter), f"parameters '{parameter}'"
 
 
 def variant_tolerance_pct(variant: Variant, settings: PerfSettings) -> float:
