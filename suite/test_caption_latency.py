@@ -65,7 +65,9 @@ def test_captioner_caption_latency(
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     bos = model_description.special_tokens.bos_token_id
     server = served_captioner.server
-    with CaptionerClient(server.endpoints.grpc_url, headers=server.request_headers("grpc")) as client:
+    with CaptionerClient(
+        server.endpoints.grpc_url, bench_options.request_timeout_s, server.request_headers("grpc")
+    ) as client:
         client.caption(served_captioner.name, pixel_values, bos, 2, True)  # warm-up
         captions = tuple(
             client.caption(served_captioner.name, pixel_values, bos, bench_options.caption_tokens, True)

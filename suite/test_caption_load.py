@@ -40,7 +40,8 @@ def test_caption_load(
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     # the caption every one under load must equal (alone: see test_captioner.py)
     headers = served_captioner.server.request_headers("grpc")
-    request = caption_request_alone(url, served_captioner.name, pixel_values, tokens, headers)
+    timeout_s = perf_run.settings.load.request_timeout_s
+    request = caption_request_alone(url, served_captioner.name, pixel_values, tokens, headers, timeout_s)
     measurement = measure_caption_level(url, request, caption_load_level, perf_run.settings.load)
     bench_session.record_caption_load(served_captioner.name, measurement)
     errors = measurement.errors

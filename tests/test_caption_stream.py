@@ -23,6 +23,9 @@ pytestmark = pytest.mark.unit
 DEADLINE_S = 1.0
 #: Far above the deadline: a close that waits on the server forever never gets here.
 GIVE_UP_S = 15.0
+#: A caption level's hang guard: one window (stretched to at most 5 s while no caption ends), then each stream's
+#: current caption and close, a deadline each; far below the 600 s a stream used to wait.
+LEVEL_GIVE_UP_S = 60.0
 
 
 @pytest.fixture
@@ -77,3 +80,29 @@ def test_a_caption_asked_of_a_silent_server_fails_at_the_deadline_and_its_stream
         client.receive("blip_caption", bos_token_id=0, started=started)
     closed, _ = closed_within(client, GIVE_UP_S)
     assert closed is False
+
+
+def test_a_caption_level_on_a_silent_server_ends_at_the_request_timeout(silent_server: str) -> None:
+    """--request-timeout-s reaches the caption level's streams: each caption fails at it and the level ends. With
+    the stream's own default deadline (it was 600 s) the level would wait that long for its first caption."""
+    from blip_triton_bench.captioning.load import CAPTION_CONCURRENCY, CaptionRequest, measure_caption_level
+    from blip_triton_bench.load.engine import LoadLevel, LoadSettings
+
+    settings = LoadSettings(
+        window_s=0.5, warmup_s=0.2, max_windows=1, min_requests_per_window=1, request_timeout_s=DEADLINE_S
+    )
+    request = CaptionRequest("blip_caption", np.zeros((1, 3, 8, 8), dtype=np.float32), 4)
+    outcome: list = []
+    level = threading.Thread(
+        target=lambda: outcome.append(
+            measure_caption_level(silent_server, request, LoadLevel(CAPTION_CONCURRENCY, 1), settings)
+        ),
+        daemon=True,
+    )
+    started = time.monotonic()
+    level.start()
+    level.join(LEVEL_GIVE_UP_S)
+    assert outcome, f"the level still waited after {LEVEL_GIVE_UP_S:.0f} s on a server that answers nothing"
+    assert time.monotonic() - started < LEVEL_GIVE_UP_S
+    errors = outcome[0].errors
+    assert errors and all("no response within 1 s" in error for error in errors), errors[:3]

@@ -21,7 +21,7 @@ import numpy as np
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from blip_triton_bench.load.client import InferenceError, TritonInferClient
+from blip_triton_bench.load.client import DEFAULT_REQUEST_TIMEOUT_S, InferenceError, TritonInferClient
 from blip_triton_bench.model.source import ModelDescription, ModelSourceError, ModelSpec, SpecialTokens, describe_model
 from blip_triton_bench.model.workload import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -102,8 +102,14 @@ class CaptionerClient:
     with every token. Each token's arrival is timed on the client, as genai-perf times a streamed response.
     """
 
-    def __init__(self, grpc_url: str, timeout_s: float = 600.0, headers: Mapping[str, str] | None = None) -> None:
-        """`headers`: what the stream carries (RunningServer.request_headers("grpc"): the run's key where the server
+    def __init__(
+        self,
+        grpc_url: str,
+        timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """`timeout_s`: how long to wait for each response (a token) before the caption fails (--request-timeout-s);
+        `headers`: what the stream carries (RunningServer.request_headers("grpc"): the run's key where the server
         restricts inference)."""
         self._client = triton_grpc.InferenceServerClient(grpc_url)
         self._timeout_s = timeout_s

@@ -32,6 +32,7 @@ from blip_triton_bench.judging.stats import (
     spread_pct,
     stability_of,
 )
+from blip_triton_bench.load.client import DEFAULT_REQUEST_TIMEOUT_S
 from blip_triton_bench.load.engine import (
     MAX_CONCURRENCY,
     MAX_REQUEST_RATE,
@@ -261,10 +262,12 @@ def caption_request_alone(
     pixel_values: np.ndarray,
     tokens: int,
     headers: Mapping[str, str] | None = None,
+    timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> CaptionRequest:
     """What every caption of a level asks for, with the tokens it must come back with: the same image captioned
-    alone, on the same server, before the load starts. `headers`: the run's key (LoadSettings.stream_headers)."""
-    with CaptionerClient(grpc_url, headers=headers) as client:
+    alone, on the same server, before the load starts. `headers`: the run's key (LoadSettings.stream_headers);
+    `timeout_s`: each token's deadline (--request-timeout-s)."""
+    with CaptionerClient(grpc_url, timeout_s, headers) as client:
         alone = client.caption(model_name, pixel_values, 0, tokens, True)
     return CaptionRequest(model_name, pixel_values, tokens, alone.generated_ids)
 
@@ -319,7 +322,7 @@ def _closed_loop(url: str, request: CaptionRequest, concurrency: int, settings: 
     stopping = threading.Event()
 
     def worker() -> None:
-        with CaptionerClient(url, headers=settings.stream_headers()) as client:
+        with CaptionerClient(url, settings.request_timeout_s, settings.stream_headers()) as client:
             while not stopping.is_set():
                 _one_caption(client, request, time.perf_counter(), recorder)
 
@@ -346,7 +349,7 @@ def _open_loop(url: str, request: CaptionRequest, rate: float, settings: LoadSet
         try:
             client = clients.get_nowait()
         except queue.Empty:
-            client = CaptionerClient(url, headers=settings.stream_headers())
+            client = CaptionerClient(url, settings.request_timeout_s, settings.stream_headers())
             opened.append(client)
         try:
             _one_caption(client, request, scheduled, recorder)

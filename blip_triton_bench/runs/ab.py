@@ -306,7 +306,9 @@ class ABRun:
         """A caption load level both ways. Each side's captions are checked against its own caption of the image
         alone (a change may change the caption; this compares speed, and correctness has its own tests)."""
         before, after = self.before_side(variant), ABSide(self.server, variant.name)
-        requests = {side: caption_request(side, pixel_values, tokens) for side in (before, after)}
+        requests = {
+            side: caption_request(side, pixel_values, tokens, self.load.request_timeout_s) for side in (before, after)
+        }
         measure = caption_round(requests, level, self.load)
         rounds = alternate_rounds(before, after, self.rounds, measure)
         return self._judged(variant, level, *rounds, CAPTION_THROUGHPUT_UNIT)
@@ -318,8 +320,8 @@ class ABRun:
         return result
 
 
-def caption_request(side: ABSide, pixel_values: np.ndarray, tokens: int) -> CaptionRequest:
+def caption_request(side: ABSide, pixel_values: np.ndarray, tokens: int, timeout_s: float) -> CaptionRequest:
     """What every caption of a side asks for, with the tokens it must come back with: the side's caption alone."""
     return caption_request_alone(
-        side.url("grpc"), side.model, pixel_values, tokens, side.server.request_headers("grpc")
+        side.url("grpc"), side.model, pixel_values, tokens, side.server.request_headers("grpc"), timeout_s
     )
