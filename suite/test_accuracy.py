@@ -67,10 +67,7 @@ def test_accuracy_against_fp32_teacher(
     judgement: Judgement,
 ) -> None:
     teacher = reference_sessions.for_export()
-    server = served_variant.server
-    with TritonInferClient(
-        server.endpoints.grpc_url, "grpc", bench_options.request_timeout_s, server.request_headers("grpc")
-    ) as client:
+    with TritonInferClient.to_server(served_variant.server, "grpc", bench_options.request_timeout_s) as client:
         served = np.concatenate([client.infer(served_variant.name, inputs) for inputs in accuracy_inputs])
         captions = [
             caption_through_triton(client, served_variant.name, model_description, inputs.pixel_values, CAPTION_TOKENS)

@@ -59,9 +59,7 @@ def test_batching_and_instance_sweep(
     )
 
     def check_outputs(point_name: str, point_inputs: ModelInputs) -> None:
-        with TritonInferClient(
-            serving.server.endpoints.grpc_url, "grpc", headers=serving.server.request_headers("grpc")
-        ) as client:
+        with TritonInferClient.to_server(serving.server) as client:
             assert_close("logits", client.infer(point_name, point_inputs), expected, tolerance)
 
     directory = bench_options.report_dir / "sweep" / swept_variant.name

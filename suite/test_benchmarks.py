@@ -22,8 +22,7 @@ def test_single_request_latency_through_triton(
     served_variant: ServedVariant, model_description: ModelDescription, bench_options, benchmark, judgement
 ) -> None:
     inputs = build_inputs(model_description, 1, bench_options.sequence_length)
-    server = served_variant.server
-    with TritonInferClient(server.endpoints.grpc_url, "grpc", headers=server.request_headers("grpc")) as client:
+    with TritonInferClient.to_server(served_variant.server) as client:
         logits = benchmark.pedantic(client.infer, args=(served_variant.name, inputs), rounds=ROUNDS, warmup_rounds=1)
     assert logits.shape == (1, bench_options.sequence_length, model_description.vocab_size)
     judgement.measured("", "one request's latency, for pytest-benchmark's table; no baseline holds it")

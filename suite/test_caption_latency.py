@@ -41,8 +41,7 @@ def test_monolithic_caption_latency(
     judgement: Judgement,
 ) -> None:
     pixel_values = preprocess([load_image(IMAGE)], model_description)
-    server = served_variant.server
-    with TritonInferClient(server.endpoints.grpc_url, "grpc", headers=server.request_headers("grpc")) as client:
+    with TritonInferClient.to_server(served_variant.server) as client:
         caption_through_triton(client, served_variant.name, model_description, pixel_values, 2, True)  # warm-up
         captions = tuple(
             caption_through_triton(
@@ -64,10 +63,7 @@ def test_captioner_caption_latency(
 ) -> None:
     pixel_values = preprocess([load_image(IMAGE)], model_description)
     bos = model_description.special_tokens.bos_token_id
-    server = served_captioner.server
-    with CaptionerClient(
-        server.endpoints.grpc_url, bench_options.request_timeout_s, server.request_headers("grpc")
-    ) as client:
+    with CaptionerClient.to_server(served_captioner.server, bench_options.request_timeout_s) as client:
         client.caption(served_captioner.name, pixel_values, bos, 2, True)  # warm-up
         captions = tuple(
             client.caption(served_captioner.name, pixel_values, bos, bench_options.caption_tokens, True)

@@ -29,11 +29,6 @@ MAX_NEW_TOKENS = 12
 DEFAULT_MAX_ACTIVE_CAPTIONS = 8
 
 
-def captioner_stream(served: ServedVariant) -> CaptionerClient:
-    """A caption stream to the served captioner, carrying its server's key."""
-    return CaptionerClient(served.server.endpoints.grpc_url, headers=served.server.request_headers("grpc"))
-
-
 @pytest.fixture(scope="module")
 def caption_outcomes() -> dict[str, dict[str, bool]]:
     """Per captioner, per image this module compared: whether its caption matched."""
@@ -68,7 +63,7 @@ def _check_captioner_tokens(
 ) -> None:
     tokens = loaded_model.description.special_tokens
     pixel_values = preprocess([load_image(image_name)], loaded_model.description)
-    with captioner_stream(served_captioner) as client:
+    with CaptionerClient.to_server(served_captioner.server) as client:
         served = client.caption(served_captioner.name, pixel_values, tokens.bos_token_id, MAX_NEW_TOKENS)
     session = reference_sessions.for_export()
     monolithic = greedy_caption(
@@ -89,7 +84,7 @@ def test_captioner_streams_every_token_when_told_to_ignore_eos(
     served_captioner: ServedVariant, loaded_model: LoadedModel
 ) -> None:
     pixel_values = preprocess([load_image("chelsea")], loaded_model.description)
-    with captioner_stream(served_captioner) as client:
+    with CaptionerClient.to_server(served_captioner.server) as client:
         caption = client.caption(
             served_captioner.name, pixel_values, loaded_model.description.special_tokens.bos_token_id, 7, True
         )
@@ -102,7 +97,7 @@ def test_captioner_rejects_a_bad_request_with_a_message(
     served_captioner: ServedVariant, loaded_model: LoadedModel
 ) -> None:
     pixel_values = preprocess([load_image("chelsea")], loaded_model.description)
-    with captioner_stream(served_captioner) as client:
+    with CaptionerClient.to_server(served_captioner.server) as client:
         with pytest.raises(InferenceError, match="max_new_tokens is 0"):
             client.caption(served_captioner.name, pixel_values, 0, 0)
         # the stream and the model survive a failed request
@@ -151,7 +146,7 @@ def test_concurrent_captions_of_different_images_each_equal_their_own_generate(
 
     def caption(index: int) -> list[int]:
         name, length = jobs[index]
-        with captioner_stream(served_captioner) as client:
+        with CaptionerClient.to_server(served_captioner.server) as client:
             if index >= count // 2:
                 assert first_half_started.wait(timeout=120), "the first half's captions never got their first tokens"
             started = client.send(served_captioner.name, images[name], length)
@@ -192,7 +187,10 @@ def test_a_cancelled_caption_frees_its_slot_and_disturbs_no_other(
     longest = int(description.config.text_config.max_position_embeddings) - 1
     bos = description.special_tokens.bos_token_id
     astronaut = preprocess([load_image("astronaut")], description)
-    with captioner_stream(served_captioner) as leaving, captioner_stream(served_captioner) as staying:
+    with (
+        CaptionerClient.to_server(served_captioner.server) as leaving,
+        CaptionerClient.to_server(served_captioner.server) as staying,
+    ):
         coffee = preprocess([load_image("coffee")], description)
         started = leaving.send(served_captioner.name, coffee, longest, True, request_id="leaving")
         first_tokens = leaving.receive(served_captioner.name, bos, started, stop_after=3)

@@ -44,8 +44,7 @@ def test_triton_greedy_caption_equals_generate(
 ) -> None:
     description = generating_model.description
     pixel_values = preprocess([load_image(image_name)], description)
-    server = exact_variant.server
-    with TritonInferClient(server.endpoints.grpc_url, "grpc", headers=server.request_headers("grpc")) as client:
+    with TritonInferClient.to_server(exact_variant.server) as client:
         caption = caption_through_triton(client, exact_variant.name, description, pixel_values, MAX_NEW_TOKENS)
 
     expected = generate_caption(generating_model, pixel_values, MAX_NEW_TOKENS)

@@ -36,8 +36,6 @@ def test_triton_matches_onnxruntime(
     bench_options: BenchOptions,
     protocol: str,
 ) -> None:
-    endpoints = served_variant.server.endpoints
-    url = endpoints.grpc_url if protocol == "grpc" else endpoints.http_url
     session = reference_sessions.for_variant(served_variant.variant)
     reference = reference_sessions.provider_for(served_variant.variant)
     tolerance = serving_tolerance(
@@ -45,8 +43,7 @@ def test_triton_matches_onnxruntime(
         fp16=served_variant.variant.runs_in_fp16,
         reference_on_gpu=reference.on_gpu,
     )
-    headers = served_variant.server.request_headers(protocol)
-    with TritonInferClient(url, protocol, bench_options.request_timeout_s, headers) as client:
+    with TritonInferClient.to_server(served_variant.server, protocol, bench_options.request_timeout_s) as client:
         for batch_size in batch_sizes(served_variant):
             inputs = build_inputs(model_description, batch_size, SEQUENCE_LENGTH, seed=batch_size)
             served = client.infer(served_variant.name, inputs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import docker
@@ -27,6 +26,7 @@ from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.container import ContainerProvider
 from blip_triton_bench.servers.docker_engine import CONTAINER_LABEL, docker_available
 from blip_triton_bench.servers.image import CONTENT_HASH_LABEL, BuiltImage, ImageBuildError, ensure_image
+from tests.run_key import keyed
 
 pytestmark = [
     pytest.mark.server,
@@ -290,6 +290,7 @@ def test_system_shared_memory_reaches_a_container_that_shares_host_ipc(
             ):
                 with pytest.raises(InferenceServerException, match="restricted, expecting header"):
                     refused()
-        keyed = replace(settings, restricted_api_headers=server.restricted_api_headers())
-        level = measure_level(server.endpoints.grpc_url, name, inputs, LoadLevel(CONCURRENCY, 1), keyed)
+        level = measure_level(
+            server.endpoints.grpc_url, name, inputs, LoadLevel(CONCURRENCY, 1), keyed(settings, server)
+        )
     assert sum(len(window.latencies_ms) for window in level.windows) > 0 and level.summary.errors == 0

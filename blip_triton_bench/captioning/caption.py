@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
@@ -30,6 +31,9 @@ from blip_triton_bench.model.workload import (
     load_image,
     preprocess,
 )
+
+if TYPE_CHECKING:
+    from blip_triton_bench.servers.base import RunningServer
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +122,11 @@ class CaptionerClient:
             callback=lambda result, error: self._responses.put((time.perf_counter(), result, error)),
             headers=dict(headers) if headers else None,
         )
+
+    @classmethod
+    def to_server(cls, server: RunningServer, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> CaptionerClient:
+        """A stream to `server`'s gRPC endpoint carrying its run key (None for a server without one)."""
+        return cls(server.endpoints.grpc_url, timeout_s, server.request_headers("grpc"))
 
     def __enter__(self) -> CaptionerClient:
         return self

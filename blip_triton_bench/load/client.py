@@ -6,6 +6,7 @@ Correctness tests and captioning use it; load generation has its own asynchronou
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
@@ -14,6 +15,9 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from blip_triton_bench.judging.correctness import served_array
 from blip_triton_bench.model.workload import ModelInputs
+
+if TYPE_CHECKING:
+    from blip_triton_bench.servers.base import RunningServer
 
 OUTPUT_NAME = "logits"
 
@@ -50,6 +54,14 @@ class TritonInferClient:
             self._client = triton_http.InferenceServerClient(
                 url, connection_timeout=timeout_s, network_timeout=timeout_s
             )
+
+    @classmethod
+    def to_server(
+        cls, server: RunningServer, protocol: str = "grpc", timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    ) -> TritonInferClient:
+        """A client of `server` over `protocol`, its requests carrying the server's run key (None for one without)."""
+        url = server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url
+        return cls(url, protocol, timeout_s, server.request_headers(protocol))
 
     def __enter__(self) -> TritonInferClient:
         return self

@@ -64,7 +64,7 @@ def _timed_request_ms(client: TritonInferClient, model: str, inputs: ModelInputs
 def measure_warm_up(server: RunningServer, model: str, inputs: ModelInputs, repeats: int) -> WarmUp:
     """Unload, load and query `model` `repeats` times; it is loaded again when this returns."""
     loads, firsts, steady = [], [], []
-    with TritonInferClient(server.endpoints.grpc_url, "grpc", headers=server.request_headers("grpc")) as client:
+    with TritonInferClient.to_server(server) as client:
         for _ in range(repeats):
             server.unload_model(model)
             loads.append(server.load_model(model).load_s)
