@@ -273,10 +273,11 @@ def server_failure(doing: str, error: ServerStartError) -> RunEnded:
 
 
 def describe_model(options: BenchOptions) -> ModelDescription:
-    from blip_triton_bench.model.source import ModelSourceError, ModelSpec, describe_model
+    from blip_triton_bench.model.description_cache import cached_description
+    from blip_triton_bench.model.source import ModelSourceError, ModelSpec
 
     try:
-        return describe_model(ModelSpec(options.model))
+        return cached_description(ModelSpec(options.model), options.cache_dir)
     except ModelSourceError as error:
         raise RunEnded(str(error), usage=True) from None
 
@@ -483,6 +484,7 @@ def perf_run(
     from blip_triton_bench.host.software import speed_software
     from blip_triton_bench.judging.baselines import BaselineStore, Fingerprint
     from blip_triton_bench.report.text import progress_line
+    from blip_triton_bench.runs.ceiling_cache import CEILING_CACHE_FILE, CeilingCache
     from blip_triton_bench.runs.perf import CeilingProbe, PerfRun
 
     plan, host, session = context.plan, context.host, context.session
@@ -494,12 +496,11 @@ def perf_run(
     def progress(judged: JudgedLevel) -> None:
         say(progress_line(judged))
 
+    fingerprint = Fingerprint.from_parts(host, served, options.model, exported.parameter_count, settings.load.protocol)
     run = PerfRun(
         settings=settings,
         store=BaselineStore(options.baseline_dir),
-        fingerprint=Fingerprint.from_parts(
-            host, served, options.model, exported.parameter_count, settings.load.protocol
-        ),
+        fingerprint=fingerprint,
         url=url,
         inputs=inputs,
         ceiling=CeilingProbe(
@@ -513,6 +514,8 @@ def perf_run(
             notes=session.notes,
             model_name=options.ceiling_model,
             workers=workers,
+            cache=CeilingCache(options.cache_dir / CEILING_CACHE_FILE),
+            fingerprint_key=fingerprint.key(),
         ),
         pytest_args=pytest_args,
         progress=progress,

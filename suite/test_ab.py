@@ -10,7 +10,7 @@ import pytest
 from blip_triton_bench.judging.proof import Judgement, verdict_outcome
 from blip_triton_bench.load.engine import LevelAborted, LoadLevel
 from blip_triton_bench.model.source import ModelDescription
-from blip_triton_bench.model.workload import load_image, preprocess
+from blip_triton_bench.model.workload import image_pixels
 from blip_triton_bench.runs.ab import ABLevel, ABRoundFailed, ABRun
 from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.served import ServedVariant
@@ -40,7 +40,7 @@ def test_caption_after_vs_before(
     bench_options,
     judgement: Judgement,
 ) -> None:
-    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    pixel_values = image_pixels(model_description, [IMAGE])
     try:
         compared = ab_run.run_caption_level(
             served_captioner.variant, caption_load_level, pixel_values, bench_options.caption_tokens

@@ -17,7 +17,7 @@ from blip_triton_bench.judging.proof import Judgement
 from blip_triton_bench.load.client import TritonInferClient
 from blip_triton_bench.model.reference import ReferenceSessions
 from blip_triton_bench.model.source import ModelDescription
-from blip_triton_bench.model.workload import ModelInputs, load_image, preprocess, token_ids
+from blip_triton_bench.model.workload import ModelInputs, image_pixels, token_ids
 from blip_triton_bench.options import BenchOptions
 from blip_triton_bench.servers.served import ServedVariant
 
@@ -35,7 +35,7 @@ def accuracy_inputs(model_description: ModelDescription) -> list[ModelInputs]:
     for index, name in enumerate(IMAGES):
         ids = token_ids(model_description, 1, SEQUENCE_LENGTH, seed=index)
         ids[:, 0] = model_description.special_tokens.bos_token_id
-        requests.append(ModelInputs(preprocess([load_image(name)], model_description), ids, np.ones_like(ids)))
+        requests.append(ModelInputs(image_pixels(model_description, [name]), ids, np.ones_like(ids)))
     return requests
 
 
@@ -48,7 +48,7 @@ def teacher_captions(
     return [
         greedy_caption(
             lambda inputs: session.run(["logits"], inputs.as_dict())[0],
-            preprocess([load_image(name)], model_description),
+            image_pixels(model_description, [name]),
             model_description.special_tokens,
             CAPTION_TOKENS,
         ).token_ids

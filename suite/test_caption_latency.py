@@ -15,7 +15,7 @@ from blip_triton_bench.fixtures.verdicts import enforce_measured_numbers
 from blip_triton_bench.judging.proof import Judgement
 from blip_triton_bench.load.client import TritonInferClient
 from blip_triton_bench.model.source import ModelDescription
-from blip_triton_bench.model.workload import load_image, preprocess
+from blip_triton_bench.model.workload import image_pixels
 from blip_triton_bench.runs.perf import PerfRun
 from blip_triton_bench.servers.served import ServedVariant
 
@@ -40,7 +40,7 @@ def test_monolithic_caption_latency(
     bench_session,
     judgement: Judgement,
 ) -> None:
-    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    pixel_values = image_pixels(model_description, [IMAGE])
     with TritonInferClient.to_server(served_variant.server) as client:
         caption_through_triton(client, served_variant.name, model_description, pixel_values, 2, True)  # warm-up
         captions = tuple(
@@ -61,7 +61,7 @@ def test_captioner_caption_latency(
     bench_session,
     judgement: Judgement,
 ) -> None:
-    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    pixel_values = image_pixels(model_description, [IMAGE])
     bos = model_description.special_tokens.bos_token_id
     with CaptionerClient.to_server(served_captioner.server, bench_options.request_timeout_s) as client:
         client.caption(served_captioner.name, pixel_values, bos, 2, True)  # warm-up
@@ -88,7 +88,7 @@ def test_in_process_decoder_floor(
 
     split = model_artifacts.split()
     runners = onnxruntime_runners(split)
-    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    pixel_values = image_pixels(model_description, [IMAGE])
     tokens = model_description.special_tokens
     greedy_caption_cached(*runners, pixel_values, tokens, split.head_shape, 2, True)  # warm-up
     captions = []

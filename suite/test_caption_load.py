@@ -18,7 +18,7 @@ from blip_triton_bench.judging.proof import Judgement
 from blip_triton_bench.judging.slo import CAPTION_QUANTITIES
 from blip_triton_bench.load.engine import LoadLevel
 from blip_triton_bench.model.source import ModelDescription
-from blip_triton_bench.model.workload import load_image, preprocess
+from blip_triton_bench.model.workload import image_pixels
 from blip_triton_bench.runs.perf import PerfRun, UnstableMeasurement
 from blip_triton_bench.servers.served import ServedVariant
 
@@ -37,7 +37,7 @@ def test_caption_load(
     judgement: Judgement,
 ) -> None:
     url, tokens = served_captioner.server.endpoints.grpc_url, bench_options.caption_tokens
-    pixel_values = preprocess([load_image(IMAGE)], model_description)
+    pixel_values = image_pixels(model_description, [IMAGE])
     # the caption every one under load must equal (alone: see test_captioner.py)
     headers = served_captioner.server.request_headers("grpc")
     timeout_s = perf_run.settings.load.request_timeout_s

@@ -19,7 +19,7 @@ from blip_triton_bench.captioning.caption import main as caption_main
 from blip_triton_bench.load.client import InferenceError
 from blip_triton_bench.model.reference import ReferenceSessions
 from blip_triton_bench.model.source import LoadedModel, generate_caption
-from blip_triton_bench.model.workload import SAMPLE_IMAGES, load_image, preprocess
+from blip_triton_bench.model.workload import SAMPLE_IMAGES, image_pixels
 from blip_triton_bench.servers.served import ServedVariant
 
 pytestmark = pytest.mark.correctness
@@ -62,7 +62,7 @@ def _check_captioner_tokens(
     image_name: str,
 ) -> None:
     tokens = loaded_model.description.special_tokens
-    pixel_values = preprocess([load_image(image_name)], loaded_model.description)
+    pixel_values = image_pixels(loaded_model.description, [image_name])
     with CaptionerClient.to_server(served_captioner.server) as client:
         served = client.caption(served_captioner.name, pixel_values, tokens.bos_token_id, MAX_NEW_TOKENS)
     session = reference_sessions.for_export()
@@ -83,7 +83,7 @@ def _check_captioner_tokens(
 def test_captioner_streams_every_token_when_told_to_ignore_eos(
     served_captioner: ServedVariant, loaded_model: LoadedModel
 ) -> None:
-    pixel_values = preprocess([load_image("chelsea")], loaded_model.description)
+    pixel_values = image_pixels(loaded_model.description, ["chelsea"])
     with CaptionerClient.to_server(served_captioner.server) as client:
         caption = client.caption(
             served_captioner.name, pixel_values, loaded_model.description.special_tokens.bos_token_id, 7, True
@@ -96,7 +96,7 @@ def test_captioner_streams_every_token_when_told_to_ignore_eos(
 def test_captioner_rejects_a_bad_request_with_a_message(
     served_captioner: ServedVariant, loaded_model: LoadedModel
 ) -> None:
-    pixel_values = preprocess([load_image("chelsea")], loaded_model.description)
+    pixel_values = image_pixels(loaded_model.description, ["chelsea"])
     with CaptionerClient.to_server(served_captioner.server) as client:
         with pytest.raises(InferenceError, match="max_new_tokens is 0"):
             client.caption(served_captioner.name, pixel_values, 0, 0)
@@ -118,9 +118,7 @@ def test_caption_command_streams_from_the_captioner(
             *header_options(served_captioner.server.request_headers("grpc")),
         ]
     )  # fmt: skip
-    expected = generate_caption(
-        loaded_model, preprocess([load_image("coffee")], loaded_model.description), MAX_NEW_TOKENS
-    )
+    expected = generate_caption(loaded_model, image_pixels(loaded_model.description, ["coffee"]), MAX_NEW_TOKENS)
     assert exit_code == 0
     assert f"token ids: {expected}" in capsys.readouterr().out
 
@@ -140,7 +138,7 @@ def test_concurrent_captions_of_different_images_each_equal_their_own_generate(
     count = max_active_captions(served_captioner) + 2
     bos = loaded_model.description.special_tokens.bos_token_id
     jobs = [(SAMPLE_IMAGES[index % len(SAMPLE_IMAGES)], MAX_NEW_TOKENS - index % 7) for index in range(count)]
-    images = {name: preprocess([load_image(name)], loaded_model.description) for name, _ in jobs}
+    images = {name: image_pixels(loaded_model.description, [name]) for name, _ in jobs}
     first_half_started = threading.Event()
     first_half = threading.Barrier(count // 2, action=first_half_started.set)
 
@@ -184,14 +182,14 @@ def test_a_cancelled_caption_frees_its_slot_and_disturbs_no_other(
             "a disconnect, which --disconnect-stress checks on a server of its own"
         )
     description = loaded_model.description
-    longest = int(description.config.text_config.max_position_embeddings) - 1
+    longest = description.max_positions - 1
     bos = description.special_tokens.bos_token_id
-    astronaut = preprocess([load_image("astronaut")], description)
+    astronaut = image_pixels(description, ["astronaut"])
     with (
         CaptionerClient.to_server(served_captioner.server) as leaving,
         CaptionerClient.to_server(served_captioner.server) as staying,
     ):
-        coffee = preprocess([load_image("coffee")], description)
+        coffee = image_pixels(description, ["coffee"])
         started = leaving.send(served_captioner.name, coffee, longest, True, request_id="leaving")
         first_tokens = leaving.receive(served_captioner.name, bos, started, stop_after=3)
         other = staying.send(served_captioner.name, astronaut, MAX_NEW_TOKENS)

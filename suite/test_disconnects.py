@@ -13,7 +13,7 @@ import pytest
 
 from blip_triton_bench.captioning.disconnects import DISCONNECT, AbandonPlan, abandon_captions
 from blip_triton_bench.model.source import LoadedModel, generate_caption
-from blip_triton_bench.model.workload import load_image, preprocess
+from blip_triton_bench.model.workload import image_pixels
 from blip_triton_bench.servers.served import ServedVariant
 
 pytestmark = pytest.mark.disconnects
@@ -27,7 +27,7 @@ def test_the_server_survives_clients_that_leave_mid_caption(
 ) -> None:
     served = captioner_on_its_own_server
     description = loaded_model.description
-    pixel_values = preprocess([load_image("astronaut")], description)
+    pixel_values = image_pixels(description, ["astronaut"])
     plan = AbandonPlan(
         abandoned_captions=bench_options.disconnect_stress,
         how=DISCONNECT,

@@ -50,7 +50,9 @@ def repository_with(destination: Path, config_text: str) -> Path:
 
 
 @pytest.mark.serial
-def test_a_slowed_repository_fails_against_the_seed_and_an_unchanged_copy_passes(tmp_path: Path) -> None:
+def test_a_slowed_repository_fails_against_the_seed(tmp_path: Path) -> None:
+    """That an unchanged copy passes is the suite pass's check in `make test`: every variant and captioner of the seed
+    against the seed's own copy, A/B, on both server providers (the Makefile's SELF_AB)."""
     seed = SEED_CONFIG.read_text()
     slowed = seed.replace("preferred_batch_size: [ 1, 2, 4, 8 ]", "preferred_batch_size: [ 8 ]").replace(
         "max_queue_delay_microseconds: 1000", "max_queue_delay_microseconds: 8000"
@@ -71,11 +73,7 @@ def test_a_slowed_repository_fails_against_the_seed_and_an_unchanged_copy_passes
     assert len(compared["before_per_round"]) == len(compared["after_per_round"]) == 6
     assert compared["unit"] == "infer/s"
     assert (tmp_path / "r1" / "ab_before_vs_after.png").is_file()
-
-    unchanged = run_ab(repository_with(tmp_path / "same", seed), tmp_path / "r2", "--tolerance-pct", "15")
-    assert unchanged.returncode == 0, unchanged.stdout[-4000:]
-    assert "1 passed" in unchanged.stdout
-    assert "| base_model_cpu | concurrency=1 | 6 |" in unchanged.stdout  # the A/B table in the summary
+    assert "| base_model_cpu | concurrency=1 | 6 |" in regressed.stdout  # the A/B table in the summary
 
 
 CAPTIONER_MODELS = ("blip_caption", "blip_caption_vision", "blip_caption_decoder")
@@ -98,7 +96,8 @@ def captioner_repository(destination: Path, vision_batching: str | None = None) 
 @pytest.mark.serial
 def test_a_caption_level_is_compared_in_tokens_per_second_each_side_with_its_own_models(tmp_path: Path) -> None:
     """The 'before' captioner is staged with its own vision encoder and decoder (renamed with it): a vision encoder
-    that now waits 250 ms for a batch it never fills slows every caption, and only the 'after' side's.
+    that now waits 250 ms for a batch it never fills slows every caption, and only the 'after' side's. (An unchanged
+    copy passing is the suite pass's check in `make test`, as for test_a_slowed_repository_fails_against_the_seed.)
 
     The margin: every slowed caption is 250 ms later, and the check asks for half of that in p99. With 40 ms the two
     sides' p99 came out 292 ms against 297 ms on a busy 2-core host: the noise was larger than the effect."""
@@ -117,14 +116,7 @@ def test_a_caption_level_is_compared_in_tokens_per_second_each_side_with_its_own
     assert compared["status"] == "regression" and compared["effect_pct"] < -15
     assert len(compared["before_per_round"]) == len(compared["after_per_round"]) == 6
     assert compared["after_p99_ms"] > compared["before_p99_ms"] + 125  # whole captions, each 250 ms later
-
-    unchanged = run_ab(
-        captioner_repository(tmp_path / "same"), tmp_path / "r2", "--tolerance-pct", "15", *QUICK_CAPTION_AB,
-        variant="blip_caption",
-    )  # fmt: skip
-    assert unchanged.returncode == 0, unchanged.stdout[-4000:]
-    assert "1 passed" in unchanged.stdout
-    assert "| blip_caption | caption_concurrency=1 | 6 |" in unchanged.stdout
+    assert "| blip_caption | caption_concurrency=1 | 6 |" in regressed.stdout
 
 
 def test_without_a_reference_the_ab_test_says_what_it_needs(tmp_path: Path) -> None:

@@ -101,7 +101,7 @@ def test_a_cancel_request_stops_its_caption_at_the_next_step_and_keeps_the_strea
     captioner_server: LocalServer, tiny_model: LoadedModel
 ) -> None:
     description = tiny_model.description
-    longest = int(description.config.text_config.max_position_embeddings) - 1
+    longest = description.max_positions - 1
     pixel_values = preprocess([load_image("coffee")], description)
     config = captioner_server.http_client().get_model_config(CAPTIONER)
     parameter = cancel_parameter_of(_config_message(config))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,8 @@ def test_recorded_baseline_then_slowed_repository_fails_and_unchanged_passes(tmp
 
     rerun = run_suite(unchanged, baselines, tmp_path / "r3")
     assert rerun.returncode == 0, rerun.stdout[-4000:]
+    # the client ceiling one of the runs before measured on this host: reused, not measured again
+    assert re.search(r"load generator ceiling \(grpc, .* \(measured \d+ min ago by an earlier run", rerun.stdout)
     assert "3 passed" in rerun.stdout.splitlines()[-1]  # two correctness tests and the perf level
     assert (tmp_path / "r3" / "results.csv").is_file()
 

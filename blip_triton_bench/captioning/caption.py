@@ -28,8 +28,7 @@ from blip_triton_bench.model.workload import (
     DEFAULT_MAX_NEW_TOKENS,
     ModelInputs,
     WorkloadError,
-    load_image,
-    preprocess,
+    image_pixels,
 )
 
 if TYPE_CHECKING:
@@ -329,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     headers = dict(args.header) or None
     try:
         description = describe_model(ModelSpec(args.model))
-        pixel_values = preprocess([load_image(args.image)], description)
+        pixel_values = image_pixels(description, [args.image])
         if args.protocol == "grpc" and is_captioner(args.url, args.variant):
             with CaptionerClient(args.url, headers=headers) as captioner:
                 caption = captioner.caption(

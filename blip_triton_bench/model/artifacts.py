@@ -140,7 +140,7 @@ class ModelArtifacts:
             "bos_token_id": tokens.bos_token_id,
             "eos_token_id": tokens.eos_token_id,
             "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
-            "max_positions": int(self.teacher.description.config.text_config.max_position_embeddings),
+            "max_positions": self.teacher.description.max_positions,
             "decoder_cache_shape": [split.layer_count, split.head_count, split.head_dim],
         }
         write_text_atomic(path, json.dumps(document, indent=2) + "\n")

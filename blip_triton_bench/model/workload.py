@@ -5,6 +5,8 @@ Images go through the model's own BlipImageProcessor; inputs are built once and 
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,10 @@ import numpy as np
 from PIL import Image
 from skimage import data as skimage_data
 
+from blip_triton_bench.host.files import write_bytes_atomic
 from blip_triton_bench.model.source import ModelDescription
+
+logger = logging.getLogger(__name__)
 
 #: New tokens a caption asks for unless told otherwise (--max-new-tokens; a captioner's generation_config.json).
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -76,10 +81,39 @@ def preprocess(images: Sequence[Image.Image], description: ModelDescription) -> 
     return np.ascontiguousarray(processed["pixel_values"], dtype=np.float32)
 
 
+def image_pixels(description: ModelDescription, names: Sequence[str]) -> np.ndarray:
+    """pixel_values [N, 3, H, W] of images by name (load_image's samples or files), each preprocessed alone as the
+    processor does in a batch. A sample is preprocessed once and kept in the description's samples_dir
+    (description_cache.py); a file is preprocessed every time, as its content may change."""
+    return np.stack([_one_image_pixels(description, name) for name in names])
+
+
+def _one_image_pixels(description: ModelDescription, name: str) -> np.ndarray:
+    kept = description.samples_dir / f"{name}.npy" if description.samples_dir and name in SAMPLE_IMAGES else None
+    expected = (3, description.image_size, description.image_size)
+    if kept is not None:
+        try:
+            pixels = np.load(kept, allow_pickle=False)
+        except (OSError, ValueError):
+            pass
+        else:
+            if pixels.shape == expected and pixels.dtype == np.float32:
+                return pixels
+    pixels = preprocess([load_image(name)], description)[0]
+    if kept is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, pixels, allow_pickle=False)
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(kept, buffer.getvalue())
+        except OSError as error:  # a cache that cannot be written costs the next run this preprocessing
+            logger.warning("preprocessed %s not kept in %s: %s", name, kept, error)
+    return pixels
+
+
 def sample_pixel_values(description: ModelDescription, batch_size: int) -> np.ndarray:
     """`batch_size` real images, cycling through the samples when the batch is larger than the set."""
-    names = [SAMPLE_IMAGES[i % len(SAMPLE_IMAGES)] for i in range(batch_size)]
-    return preprocess([load_image(n) for n in names], description)
+    return image_pixels(description, [SAMPLE_IMAGES[i % len(SAMPLE_IMAGES)] for i in range(batch_size)])
 
 
 def token_ids(description: ModelDescription, batch_size: int, sequence_length: int, seed: int = 0) -> np.ndarray:

@@ -42,7 +42,7 @@ from blip_triton_bench.judging.verdict import (
     tolerance_error,
     usable_tolerance,
 )
-from blip_triton_bench.load.ceiling import NEAR_CEILING_FRACTION
+from blip_triton_bench.load.ceiling import CEILING_MODEL_NAME, NEAR_CEILING_FRACTION
 from blip_triton_bench.load.engine import (
     CONCURRENCY,
     LevelAborted,
@@ -56,6 +56,7 @@ from blip_triton_bench.load.engine import (
 from blip_triton_bench.model.workload import ModelInputs
 from blip_triton_bench.options import BenchOptions
 from blip_triton_bench.repository.variants import Variant
+from blip_triton_bench.runs.ceiling_cache import CeilingCache, RememberedCeiling, ceiling_key
 from blip_triton_bench.servers.base import RunningServer, ServerStartError
 from blip_triton_bench.servers.resources import ResourceSampler, ResourceSource, ResourceUsage
 
@@ -559,37 +560,62 @@ class CeilingProbe:
     notes: list[str]
     model_name: str | None = None  # --ceiling-model: a model already served; None: stage the trivial one
     workers: WorkerPool | None = None  # --load-workers: the ceiling of the load side the levels use
+    #: ceilings measured by earlier runs on this host, and the key of this run's (host, server, protocol: the
+    #: baseline fingerprint's key); None: always measured
+    cache: CeilingCache | None = None
+    fingerprint_key: str = ""
     _measured: list[float | None] = field(default_factory=list)
 
     def __call__(self) -> float | None:
         if not self._measured:
-            self._measured.append(self._measure())
+            self._measured.append(self._recalled() or self._measured_and_remembered())
         return self._measured[0]
 
-    def _measure(self) -> float | None:
-        """The ceiling, or None with a note saying why it was not measured (never a failed level)."""
+    def _side(self) -> str:
+        return "one client process" if self.workers is None else self.workers.describe()
+
+    def _key(self) -> str:
+        shapes = {name: tuple(array.shape) for name, array in self.inputs.as_dict().items()}
+        model = self.model_name or f"{CEILING_MODEL_NAME}({self.image_size}, {self.vocab_size})"
+        return ceiling_key(self.fingerprint_key, model, shapes, self._side(), self.settings.load.shared_memory)
+
+    def _recalled(self) -> float | None:
+        if self.cache is None:
+            return None
+        remembered = self.cache.recall(self._key())
+        if remembered is None:
+            return None
+        self.notes.append(remembered.recalled_note(self.cache.clock(), self.cache.path))
+        return remembered.infer_per_s
+
+    def _measured_and_remembered(self) -> float | None:
+        ceiling, note = self._measure()
+        self.notes.append(note)
+        if ceiling is not None and self.cache is not None:
+            self.cache.remember(self._key(), RememberedCeiling(ceiling, self.cache.clock(), note))
+        return ceiling
+
+    def _measure(self) -> tuple[float | None, str]:
+        """The ceiling and a note saying what it was, or None and a note saying why it was not measured (never a
+        failed level)."""
         from blip_triton_bench.load.ceiling import stage_ceiling_model
 
         if self.model_name is None and not self.server.loads_models:
-            self.notes.append(NO_CEILING_ON_EXTERNAL)
-            return None
+            return None, NO_CEILING_ON_EXTERNAL
         name = self.model_name or stage_ceiling_model(self.repository_root, self.image_size, self.vocab_size)
         try:
             measurement = measure_ceiling(self.server, name, self.url, self.inputs, self.settings, self.workers)
         except (ServerStartError, LevelAborted) as error:
-            self.notes.append(f"client ceiling not measured: {str(error).splitlines()[0]}")
-            return None
+            return None, f"client ceiling not measured: {str(error).splitlines()[0]}"
         ceiling = measurement.summary.throughput_infer_per_s
-        side = "one client process" if self.workers is None else self.workers.describe()
-        self.notes.append(
-            f"load generator ceiling ({self.settings.load.protocol}, BLIP-sized payloads, {name}, {side}): "
+        return ceiling, (
+            f"load generator ceiling ({self.settings.load.protocol}, BLIP-sized payloads, {name}, {self._side()}): "
             f"{ceiling:.1f} infer/s"
             + "".join(
                 f"; worker {share.name} on {share.host}: {share.infer_per_s:.1f} infer/s at {share.level.level_id}"
                 for share in measurement.load_workers
             )
         )
-        return ceiling
 
 
 @dataclass(frozen=True)
