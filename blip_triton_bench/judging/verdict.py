@@ -11,8 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from scipy.stats import binom, mannwhitneyu
-
 from blip_triton_bench.judging.stats import detectable_change_pct
 
 #: A change smaller than perf_analyzer's own stability threshold (10%: the variation it accepts between
@@ -287,6 +285,8 @@ def compare_distribution(
     worsening_pct = -change_pct if higher_is_better else change_pct
     # "less": this run's values tend to be smaller than the baseline's, the bad direction for a throughput.
     alternative = "less" if higher_is_better else "greater"
+    from scipy.stats import mannwhitneyu  # here, not at import: options.py imports this module into every pytest
+
     p_value = float(mannwhitneyu(measured, pooled, alternative=alternative).pvalue)
     if worsening_pct > tolerance_pct:
         if p_value < SIGNIFICANCE_P:
@@ -337,6 +337,8 @@ def _with_power(verdict: Verdict, noise_detectable_pct: float) -> Verdict:
 def exceedances_for_regression(requests: int, p: float = P99_EXCEEDANCE_P) -> int:
     """The fewest of `requests` that must exceed a p99 limit before the p99 is over it at confidence 1 - `p`: the
     smallest k with P(Binomial(requests, 1 %) >= k) < p."""
+    from scipy.stats import binom
+
     k = 1
     while k <= requests and binom.sf(k - 1, requests, 0.01) >= p:
         k += 1
@@ -350,6 +352,8 @@ def p99_exceedance(verdict: Verdict, latencies_ms: Sequence[float]) -> Verdict:
     estimate decides between pass, improved and (worse beyond the tolerance, yet not enough exceedances)
     inconclusive. The message says how many exceedances would have failed it, and that a p99 judged by its value
     needs MIN_REQUESTS_FOR_P99_VERDICT requests."""
+    from scipy.stats import binom
+
     n = len(latencies_ms)
     limit_ms = verdict.baseline * (1.0 + verdict.tolerance_pct / 100.0)
     exceeded = sum(1 for latency in latencies_ms if latency > limit_ms)
