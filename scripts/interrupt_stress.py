@@ -52,7 +52,7 @@ def main() -> None:
         with LocalProvider(Path(scratch) / "server").start(repository) as server:
             server.load_model("fixed")
             url = server.endpoints.grpc_url if args.protocol == "grpc" else server.endpoints.http_url
-            settings = replace(settings, restricted_api_headers=server.restricted_api_headers())  # the run's key
+            settings = settings.keyed_for(server)  # the run's key
             for round_index in range(args.rounds):
                 interrupt = threading.Timer(randomly.uniform(0.0, 1.5), os.kill, (os.getpid(), signal.SIGINT))
                 interrupt.start()

@@ -26,7 +26,6 @@ from blip_triton_bench.servers.base import ServerStartError
 from blip_triton_bench.servers.container import ContainerProvider
 from blip_triton_bench.servers.docker_engine import CONTAINER_LABEL, docker_available
 from blip_triton_bench.servers.image import CONTENT_HASH_LABEL, BuiltImage, ImageBuildError, ensure_image
-from tests.run_key import keyed
 
 pytestmark = [
     pytest.mark.server,
@@ -291,6 +290,6 @@ def test_system_shared_memory_reaches_a_container_that_shares_host_ipc(
                 with pytest.raises(InferenceServerException, match="restricted, expecting header"):
                     refused()
         level = measure_level(
-            server.endpoints.grpc_url, name, inputs, LoadLevel(CONCURRENCY, 1), keyed(settings, server)
+            server.endpoints.grpc_url, name, inputs, LoadLevel(CONCURRENCY, 1), settings.keyed_for(server)
         )
     assert sum(len(window.latencies_ms) for window in level.windows) > 0 and level.summary.errors == 0

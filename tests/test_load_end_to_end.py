@@ -25,7 +25,6 @@ from blip_triton_bench.load.engine import (
 )
 from blip_triton_bench.model.workload import ModelInputs
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
-from tests.run_key import keyed
 
 pytestmark = [pytest.mark.server, pytest.mark.serial]  # its checks compare rates with the measured service rate
 
@@ -112,7 +111,7 @@ def queue_floor_ms(overload: float, warmup_s: float) -> float:
 
 
 def test_open_loop_counts_the_queue_that_a_closed_loop_never_sees(server: LocalServer) -> None:
-    url, settings = server.endpoints.grpc_url, keyed(SETTINGS, server)
+    url, settings = server.endpoints.grpc_url, SETTINGS.keyed_for(server)
 
     closed = measure_level(url, "fixed", inputs(), LoadLevel(CONCURRENCY, 1), settings)
     capacity = closed.summary.throughput_infer_per_s
@@ -145,7 +144,7 @@ def test_open_loop_counts_the_queue_that_a_closed_loop_never_sees(server: LocalS
 def test_poisson_arrivals_average_the_offered_rate(server: LocalServer) -> None:
     settings = LoadSettings(window_s=1.0, warmup_s=0.5, max_windows=4, min_requests_per_window=1, arrival="poisson")
     level = measure_level(
-        server.endpoints.grpc_url, "fixed", inputs(), LoadLevel(REQUEST_RATE, 5), keyed(settings, server)
+        server.endpoints.grpc_url, "fixed", inputs(), LoadLevel(REQUEST_RATE, 5), settings.keyed_for(server)
     )
     assert level.achieved_rate_per_s == pytest.approx(5, rel=0.5)
 
@@ -153,7 +152,7 @@ def test_poisson_arrivals_average_the_offered_rate(server: LocalServer) -> None:
 def test_http_requests_succeed_as_grpc_ones_do(server: LocalServer) -> None:
     settings = LoadSettings(window_s=0.5, warmup_s=0.2, max_windows=3, min_requests_per_window=1, protocol="http")
     level = measure_level(
-        server.endpoints.http_url, "fixed", inputs(), LoadLevel(CONCURRENCY, 2), keyed(settings, server)
+        server.endpoints.http_url, "fixed", inputs(), LoadLevel(CONCURRENCY, 2), settings.keyed_for(server)
     )
     assert sum(len(window.latencies_ms) for window in level.windows) > 0
     assert level.summary.errors == 0  # a float `timeout` once made the server reject every HTTP request

@@ -288,6 +288,8 @@ def test_inference_shared_memory_logging_and_trace_need_the_runs_key_too(server:
     its own, map its memory into the run, read the run's tensors through a region of its own, or turn on verbose
     logging or tracing mid-measurement."""
     assert server.run_key is not None
+    if not server.is_model_ready("doubler"):  # this test's own model, whichever test of the module ran before it
+        server.load_model("doubler")
     for protocol, client in (
         ("http", triton_http.InferenceServerClient(server.endpoints.http_url)),
         ("grpc", triton_grpc.InferenceServerClient(server.endpoints.grpc_url)),

@@ -16,7 +16,6 @@ from blip_triton_bench.repository.variants import discover_variants, stage_repos
 from blip_triton_bench.runs.perf import PerfRun, PerfSettings
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
 from blip_triton_bench.servers.resources import NvmlGpus
-from tests.run_key import keyed
 from tests.test_baselines import fingerprint  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.server
@@ -43,7 +42,7 @@ def test_a_level_records_the_servers_cpu_and_memory_and_its_gpus_where_nvml_sees
     fingerprint,  # noqa: F811
 ) -> None:
     run = PerfRun(
-        settings=PerfSettings(load=keyed(SETTINGS, server), concurrency="1", request_rate=None, tolerance_pct=None),
+        settings=PerfSettings(load=SETTINGS.keyed_for(server), concurrency="1", request_rate=None, tolerance_pct=None),
         store=BaselineStore(tmp_path / "baselines"),
         fingerprint=fingerprint,
         url=server.endpoints.grpc_url,

@@ -19,7 +19,6 @@ from blip_triton_bench.model.workload import build_inputs
 from blip_triton_bench.repository.variants import Variant, discover_variants, stage_repository
 from blip_triton_bench.runs.perf import PerfRun, PerfSettings, VariantStopped
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
-from tests.run_key import keyed
 from tests.test_baselines import fingerprint  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.faults
@@ -58,7 +57,7 @@ def variant() -> Variant:
 
 def perf_run(server: LocalServer, tiny_model, store: Path, fingerprint, load: LoadSettings) -> PerfRun:  # noqa: F811
     return PerfRun(
-        settings=PerfSettings(load=keyed(load, server), concurrency="2", request_rate=None, tolerance_pct=None),
+        settings=PerfSettings(load=load.keyed_for(server), concurrency="2", request_rate=None, tolerance_pct=None),
         store=BaselineStore(store),
         fingerprint=fingerprint,
         url=server.endpoints.grpc_url,

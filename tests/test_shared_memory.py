@@ -37,7 +37,6 @@ from blip_triton_bench.load.shared_memory import (
 from blip_triton_bench.model.workload import ModelInputs
 from blip_triton_bench.servers.leftovers import SHM_PREFIX, SYSTEM_SHM_DIR
 from blip_triton_bench.servers.local import LocalProvider, LocalServer
-from tests.run_key import keyed
 
 IMAGE_SIZE, VOCAB, SEQUENCE = 384, 30524, 16
 SYSTEM = LoadSettings(window_s=0.5, warmup_s=0.2, max_windows=3, min_requests_per_window=1, shared_memory="system")
@@ -210,14 +209,14 @@ def test_system_shared_memory_returns_the_same_logits_and_leaves_nothing(
 ) -> None:
     running, model = server
     url = _url(running, protocol)
-    inline, held_inline = asyncio.run(_one_output(url, protocol, model, keyed(LoadSettings(), running)))
-    shared, held = asyncio.run(_one_output(url, protocol, model, keyed(SYSTEM, running)))
+    inline, held_inline = asyncio.run(_one_output(url, protocol, model, LoadSettings().keyed_for(running)))
+    shared, held = asyncio.run(_one_output(url, protocol, model, SYSTEM.keyed_for(running)))
     assert held_inline == []
     assert len([name for name in held if name.startswith(SHM_PREFIX)]) == 3  # inputs + 2 output slots
     assert inline.shape == (1, SEQUENCE, VOCAB) and np.abs(inline).max() > 0  # a fresh region reads as zeros
     np.testing.assert_array_equal(shared, inline)
 
-    settings = replace(keyed(SYSTEM, running), protocol=protocol)
+    settings = replace(SYSTEM.keyed_for(running), protocol=protocol)
     level = measure_level(url, model, blip_inputs(), LoadLevel(CONCURRENCY, 2), settings)
     completed = sum(len(window.latencies_ms) for window in level.windows)
     assert completed > 0 and level.summary.errors == 0
@@ -229,7 +228,7 @@ def test_system_shared_memory_returns_the_same_logits_and_leaves_nothing(
 def test_open_loop_adds_output_slots_and_releases_them(server: tuple[LocalServer, str]) -> None:
     running, model = server
     level = measure_level(
-        running.endpoints.grpc_url, model, blip_inputs(), LoadLevel(REQUEST_RATE, 4), keyed(SYSTEM, running)
+        running.endpoints.grpc_url, model, blip_inputs(), LoadLevel(REQUEST_RATE, 4), SYSTEM.keyed_for(running)
     )
     assert sum(len(window.latencies_ms) for window in level.windows) > 0 and level.summary.errors == 0
     assert ours_left_behind(running) == ([], [])
@@ -241,7 +240,7 @@ def test_a_level_that_fails_still_releases_its_regions(server: tuple[LocalServer
 
     async def fail_mid_level() -> None:
         async with open_inferer(
-            running.endpoints.grpc_url, model, blip_inputs(), keyed(SYSTEM, running), slots=3
+            running.endpoints.grpc_url, model, blip_inputs(), SYSTEM.keyed_for(running), slots=3
         ) as inferer:
             await inferer.infer()
             raise RuntimeError("the level broke")
@@ -276,7 +275,7 @@ def test_a_level_left_with_a_request_in_flight_leaves_no_region(server: tuple[Lo
 
     async def leave_with_a_request_in_flight() -> None:
         async with open_inferer(
-            running.endpoints.grpc_url, SLOW_MODEL, blip_inputs(), keyed(SYSTEM, running), slots=1
+            running.endpoints.grpc_url, SLOW_MODEL, blip_inputs(), SYSTEM.keyed_for(running), slots=1
         ) as inferer:
             request = asyncio.create_task(inferer.infer())
             await asyncio.sleep(SLOW_S / 3)  # the server is executing it, its output region held
@@ -297,7 +296,7 @@ def test_requests_that_find_no_free_output_slot_at_once_each_get_one_of_their_ow
 
     async def three_at_once() -> tuple[list[np.ndarray], list[str], list[str]]:
         async with open_inferer(
-            running.endpoints.grpc_url, model, blip_inputs(), keyed(SYSTEM, running), slots=0
+            running.endpoints.grpc_url, model, blip_inputs(), SYSTEM.keyed_for(running), slots=0
         ) as inferer:
             outputs = await asyncio.gather(*(inferer.infer_output() for _ in range(3)))
             plan = inferer._regions.plan

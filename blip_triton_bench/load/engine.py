@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any, Protocol
 
@@ -125,6 +125,16 @@ class LoadSettings:
     def stream_headers(self) -> Mapping[str, str] | None:
         """What a caption stream (always gRPC) carries."""
         return self.restricted_api_headers.get("grpc")
+
+    def keyed_for(self, server: KeyedServer) -> LoadSettings:
+        """These settings with `server`'s key on every request and registration."""
+        return replace(self, restricted_api_headers=server.restricted_api_headers())
+
+
+class KeyedServer(Protocol):
+    """A server whose restricted APIs take a key (servers.base.RunningServer): its headers, by protocol name."""
+
+    def restricted_api_headers(self) -> dict[str, dict[str, str]]: ...
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ along on the 'before' side, renamed with it, so each side runs only its own mode
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2
@@ -32,7 +32,7 @@ class ABSide:
     def keyed(self, load: LoadSettings) -> LoadSettings:
         """`load` with this side's server's key on every request (a reference server has a key of its own where it
         was not started with the run's)."""
-        return replace(load, restricted_api_headers=self.server.restricted_api_headers())
+        return load.keyed_for(self.server)
 
 
 def renamed_config(variant: Variant, suffix: str) -> model_config_pb2.ModelConfig:
